@@ -1,0 +1,489 @@
+"""What every chapter shares: observation models, the IWAE objective, the log-likelihood estimator,
+bits/dim, the training loop with checkpoints, grids, and the command-line contract.
+
+Conventions. An encoder returns q(z|x) as a Distribution with batch shape (B,) and event shape (D,);
+a decoder takes z of shape (N, D) and returns p(x|z) with batch shape (N,) and event shape (C, H, W),
+so `px_z.log_prob(x)` is one number per image. Importance samples are a leading axis k, folded into
+the batch axis for the networks by `merge` and unfolded by `unmerge`.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Distribution, Independent, Normal, constraints
+from tqdm import tqdm
+
+
+class UserError(RuntimeError):
+    """Something the user can fix (missing data, a bad flag, an unreadable checkpoint): the message
+    says what and how; the scripts print it without a traceback and exit with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices, seeds, importance-sample axis
+# ---------------------------------------------------------------------------------------------------
+def get_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here. "
+                        "Use --device cpu (or auto).")
+    return torch.device(name)
+
+
+def hardware_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+
+
+def merge(t):
+    """(k, B, ...) -> (k*B, ...): the importance samples become extra rows of the batch."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def unmerge(t, k):
+    """(k*B, ...) -> (k, B, ...), the inverse of `merge`."""
+    return t.reshape(k, t.shape[0] // k, *t.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent distributions
+# ---------------------------------------------------------------------------------------------------
+def diagonal_gaussian(mu, log_sigma):
+    """q(z|x) = N(mu, diag(exp(log_sigma)^2)), event over the last axis."""
+    return Independent(Normal(mu, log_sigma.exp(), validate_args=False), 1, validate_args=False)
+
+
+def standard_normal(latent_dim, device):
+    """p(z) = N(0, I)."""
+    zeros = torch.zeros(latent_dim, device=device)
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Objective (Burda et al. 2015, eq. 6) and the test log-likelihood estimator
+# ---------------------------------------------------------------------------------------------------
+def log_weights(model, x, k, eval_pmf=False):
+    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k.
+
+    eval_pmf: score x with `px_z.discretized()`, the probability of the 8-bit value (for an
+    observation model trained with a density, the Gaussian). Returns a dict of (k, B) tensors.
+    """
+    qz_x = model.encode(x)
+    z = qz_x.rsample((k,))  # (k, B, D)
+    pz = standard_normal(z.shape[-1], x.device)
+    px_z = model.decode(merge(z))
+    if eval_pmf:
+        px_z = px_z.discretized()
+    log_px_z = unmerge(px_z.log_prob(merge(x.expand(k, *x.shape))), k)  # (k, B)
+    log_pz, log_qz_x = pz.log_prob(z), qz_x.log_prob(z)  # (k, B)
+    return {"log_w": log_px_z + log_pz - log_qz_x, "log_px_z": log_px_z, "log_pz": log_pz, "log_qz_x": log_qz_x}
+
+
+def iwae_bound(model, x, k, eval_pmf=False):
+    """L_k = log (1/k) sum_i w_i (Burda et al. 2015, eq. 6); k = 1 is the ELBO.
+
+    Returns per-example tensors (B,): the bound, and its parts averaged over the k samples,
+    rate = E[log q(z|x) - log p(z)] and distortion = E[-log p(x|z)] (for k = 1, bound = -rate - distortion).
+    """
+    lw = log_weights(model, x, k, eval_pmf)
+    bound = torch.logsumexp(lw["log_w"], dim=0) - math.log(k)
+    return {"bound": bound, "rate": (lw["log_qz_x"] - lw["log_pz"]).mean(0), "distortion": -lw["log_px_z"].mean(0)}
+
+
+@torch.no_grad()
+def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pmf=False, progress=True):
+    """log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s|x) with S importance samples (Burda et al. 2015, sec. 5).
+
+    Batched over images and chunked over samples, so that at most `max_rows` (sample, image) pairs
+    go through the decoder at once; chunks are combined with log-sum-exp in float64.
+    x: (N, C, H, W) on the model's device. Returns per-image estimates (N,) in nats (float64, CPU).
+    """
+    model.eval()
+    chunk = min(num_samples, max_rows)
+    images_per_batch = max(1, max_rows // chunk)
+    out = []
+    bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False)
+    for xb in x.split(images_per_batch):
+        lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
+        for start in range(0, num_samples, chunk):
+            log_w = log_weights(model, xb, min(chunk, num_samples - start), eval_pmf)["log_w"]
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w.double(), dim=0))
+        out.append((lse - math.log(num_samples)).cpu())
+        bar.update(len(xb))
+    bar.close()
+    return torch.cat(out)
+
+
+def mean_and_stderr(values):
+    values = values.double()
+    return values.mean().item(), (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else float("nan")
+
+
+def bits_per_dim(nats, num_dims):
+    """-log2 p(x) / D: nats per image -> bits per dimension (positive; lower is better)."""
+    return -nats / (num_dims * math.log(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------------------------------
+IWAE_STAGES = 8  # Burda et al. 2015, sec. 5: stage i = 0..7 lasts 3^i epochs at lr 1e-3 * 10^(-i/7)
+IWAE_EPOCHS = sum(3 ** i for i in range(IWAE_STAGES))  # 3280
+
+
+def iwae_lr(step, total_steps, base_lr=1e-3):
+    """The paper's schedule, compressed into `total_steps`: the fraction of training done decides the stage."""
+    position = IWAE_EPOCHS * step / max(total_steps, 1)
+    ends = [sum(3 ** j for j in range(i + 1)) for i in range(IWAE_STAGES)]
+    stage = next((i for i, end in enumerate(ends) if position < end), IWAE_STAGES - 1)
+    return base_lr * 10 ** (-stage / 7)
+
+
+def constant_lr(step, total_steps, base_lr=1e-3):
+    return base_lr
+
+
+SCHEDULES = {"iwae": iwae_lr, "constant": constant_lr}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    perm: torch.Tensor = None  # this epoch's order of the training set
+    pos: int = 0  # position in perm
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)  # (step, epoch, mean training bound over the interval)
+
+
+def save_checkpoint(path, model, optimizer, state, config):
+    """Written to a temporary file, then renamed: an interrupted write never leaves a broken checkpoint."""
+    blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "state": state.__dict__, "config": config, "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.exists(path):
+        raise UserError(f"No checkpoint at {path}. Train first (without --resume), or pass --checkpoint with "
+                        f"the path of a checkpoint this script wrote.")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=False)
+        blob["state"] = TrainState(**blob["state"])
+        blob["model"], blob["config"]  # noqa: B018 (both must be there)
+    except Exception as err:
+        raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {err}). It is damaged or was "
+                        f"not written by this project; delete it and train again, or point --checkpoint "
+                        f"at another file.") from None
+    return blob
+
+
+def restore(blob, model, optimizer=None, rng=True):
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as err:
+        raise UserError(f"The checkpoint does not fit this model ({str(err).splitlines()[0]}). Was it written "
+                        f"by another script or with other model flags? Config in the checkpoint: "
+                        f"{blob['config']}") from None
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if rng:
+        torch.set_rng_state(blob["rng_cpu"].cpu())
+        if blob["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng_cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------
+class Diverged(UserError):
+    pass
+
+
+def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
+          max_steps=None, skip_grad_norm=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
+          log_every=100, progress=True):
+    """Maximise the IWAE bound with Adam, batch by batch, until `epochs` epochs or `max_steps` steps.
+
+    The training set stays one tensor on the model's device (no DataLoader). A step whose loss or
+    gradient norm is not finite, or whose gradient norm exceeds `skip_grad_norm`, is skipped and counted;
+    `max_skips_in_a_row` skips in a row stop the run. Checkpoints: every `checkpoint_minutes`, at the
+    end, and on Ctrl-C; `state` resumes exactly (the epoch's order, the position in it, the RNG).
+    """
+    device = next(model.parameters()).device
+    train_x = data.train.to(device)
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = epochs * steps_per_epoch
+    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
+    skips_in_a_row, running, last_save = 0, [], time.time()
+    bar = tqdm(total=last_step, initial=min(state.step, last_step), desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    model.train()
+    t0 = time.time() - state.train_seconds
+    try:
+        while state.step < last_step:
+            if state.perm is None:
+                state.perm, state.pos = torch.randperm(n), 0
+            idx = state.perm[state.pos:state.pos + batch_size].to(device)
+            x = data.train_batch(train_x[idx])
+            lr = lr_at(state.step, total_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = -iwae_bound(model, x, k)["bound"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            if torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm <= skip_grad_norm:
+                optimizer.step()
+                skips_in_a_row = 0
+                running.append(-loss.item())
+            else:
+                state.skipped_steps += 1
+                skips_in_a_row += 1
+                if skips_in_a_row >= max_skips_in_a_row:
+                    raise Diverged(f"Training diverged: {skips_in_a_row} steps in a row had a non-finite loss or a "
+                                   f"gradient norm above {skip_grad_norm:g} (last loss {loss.item():.4g}, gradient "
+                                   f"norm {grad_norm.item():.4g}) at step {state.step}. Lower --lr, or resume from "
+                                   f"the last checkpoint {ckpt_path} with --resume.")
+            state.step += 1
+            state.pos += batch_size
+            if state.pos >= n:
+                state.epoch, state.perm = state.epoch + 1, None
+            if running and (state.step % log_every == 0 or state.step == last_step):
+                state.history.append((state.step, state.epoch, sum(running) / len(running)))
+                bar.set_postfix(bound=f"{state.history[-1][2]:.2f}", lr=f"{lr:.1e}", epoch=state.epoch,
+                                skipped=state.skipped_steps)
+                running = []
+            bar.update(1)
+            if time.time() - last_save > 60 * checkpoint_minutes:
+                state.train_seconds = time.time() - t0
+                save_checkpoint(ckpt_path, model, optimizer, state, config)
+                last_save = time.time()
+    except KeyboardInterrupt:
+        state.train_seconds = time.time() - t0
+        save_checkpoint(ckpt_path, model, optimizer, state, config)
+        bar.close()
+        raise UserError(f"Interrupted at step {state.step}; saved {ckpt_path}. Continue with the same command "
+                        f"and --resume.") from None
+    bar.close()
+    state.train_seconds = time.time() - t0
+    save_checkpoint(ckpt_path, model, optimizer, state, config)
+    return state, total_steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grids and plots
+# ---------------------------------------------------------------------------------------------------
+def observation_mean(px_z, mc_draws=100):
+    """E[x|z], exact where the distribution has it, else the mean of `mc_draws` draws (said in the results)."""
+    try:
+        return px_z.mean, "exact"
+    except NotImplementedError:
+        return monte_carlo_mean(px_z, mc_draws), f"monte carlo, {mc_draws} draws"
+
+
+@torch.no_grad()
+def save_grids(model, x, out_dir, name, eval_pmf, nrow=8):
+    """<name>_imgs.png: x; _recs.png: E[x|z], z ~ q(z|x); _samples.png: E[x|z], z ~ p(z);
+    _samples_var.png: x ~ p(x|z) for the same z. Returns how the means were computed."""
+    from torchvision.utils import save_image
+    model.eval()
+
+    def observe(z):
+        px_z = model.decode(z)
+        return px_z.discretized() if eval_pmf else px_z
+
+    recs, how = observation_mean(observe(model.encode(x).sample()))
+    px_z = observe(standard_normal(model.latent_dim, x.device).sample((len(x),)))
+    samples, _ = observation_mean(px_z)
+    for suffix, images in [("imgs", x), ("recs", recs), ("samples", samples), ("samples_var", px_z.sample())]:
+        save_image(images.clamp(0, 1).cpu(), os.path.join(out_dir, f"{name}_{suffix}.png"), nrow=nrow, padding=1)
+    return how
+
+
+def plot_history(history, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps, _, bounds = zip(*history)
+        ax.plot(steps, bounds, lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training bound (nats / image)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command-line contract and the experiment every script runs
+# ---------------------------------------------------------------------------------------------------
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip_grad_norm=math.inf):
+    """The flags every modelNN.py keeps; the script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    p.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
+    p.add_argument("--out-dir", default="assets", help="grids, results JSON, training curve and checkpoint go here")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs (the schedule is spread over them)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimizer steps in all (smoke runs); the schedule still spans --epochs")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per optimizer step")
+    p.add_argument("--k", type=positive_int, default=k, help="importance samples in the training bound (1 = ELBO)")
+    p.add_argument("--lr", type=float, default=lr, help="base learning rate of Adam")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=schedule, help="learning-rate schedule")
+    p.add_argument("--eval-samples", type=positive_int, default=5000, help="importance samples S for the test log-likelihood")
+    p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--eval-max-rows", type=positive_int, default=eval_max_rows,
+                   help="(sample, image) pairs per decoder pass in evaluation; lower it if memory runs out")
+    p.add_argument("--skip-grad-norm", type=float, default=skip_grad_norm,
+                   help="skip (and count) a step whose gradient norm exceeds this, as well as any non-finite step")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir (or --checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="no training: evaluate --checkpoint and write grids and results")
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: <out-dir>/<model>_checkpoint.pt)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="minutes between checkpoints during training")
+    p.add_argument("--no-download", action="store_true", help="never try to download the dataset")
+    return p
+
+
+# flags that may change between a run and its --resume without changing the run
+RESUMABLE_CHANGES = {"data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit", "eval_max_rows", "device",
+                     "threads", "resume", "overwrite", "eval_only", "checkpoint", "checkpoint_minutes", "no_download"}
+
+
+def run_experiment(args, argv, *, name, build_model, data, eval_pmf, report_bpd, adam_eps=1e-8):
+    """Seed, build the model, train (or resume, or only load), evaluate log p(x) on the test set, write grids
+    and results. Returns the results dict."""
+    if args.resume and args.eval_only:
+        raise UserError("--resume and --eval-only do not go together: --resume continues training, --eval-only "
+                        "evaluates a finished checkpoint. Pass one of them.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
+    config = {"model": name, "dataset": data.name, **vars(args)}
+    model = build_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, eps=adam_eps, foreach=True)
+
+    if args.eval_only or args.resume:
+        blob = load_checkpoint(ckpt_path, device)
+        if blob["config"].get("model") != name:
+            raise UserError(f"{ckpt_path} was written by {blob['config'].get('model')}, not {name}.")
+        state = blob["state"]
+        if args.resume:
+            changed = {key: (blob["config"].get(key), value) for key, value in config.items()
+                       if key not in RESUMABLE_CHANGES and blob["config"].get(key) != value}
+            if changed:
+                raise UserError("--resume needs the flags of the run it continues; these differ (checkpoint, now): "
+                                + ", ".join(f"{key}: {a!r} vs {b!r}" for key, (a, b) in changed.items())
+                                + ". Pass the same values, or start afresh with --overwrite.")
+        restore(blob, model, None if args.eval_only else optimizer, rng=args.resume)
+        train_config = blob["config"]
+    else:
+        if os.path.exists(ckpt_path) and not args.overwrite:
+            raise UserError(f"{ckpt_path} holds the checkpoint of an earlier run. Pass --resume to continue it, "
+                            f"--overwrite to start afresh (it is replaced), or another --out-dir.")
+        state, train_config = TrainState(), config
+    steps_per_epoch = math.ceil(len(data.train) / train_config["batch_size"])
+
+    if not args.eval_only:
+        state, _ = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
+                         lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
+                         config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
+                         checkpoint_minutes=args.checkpoint_minutes)
+
+    x_test = data.test[:args.eval_limit] if args.eval_limit else data.test
+    x_test = data.test_batch(x_test.to(device))
+    t0 = time.time()
+    llh = estimate_log_likelihood(model, x_test, args.eval_samples, args.eval_max_rows, eval_pmf)
+    eval_seconds = time.time() - t0
+    llh_nats, llh_stderr = mean_and_stderr(llh)
+    mean_how = save_grids(model, x_test[:64], args.out_dir, name, eval_pmf)
+    plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
+
+    planned_steps = train_config["epochs"] * steps_per_epoch
+    results = {
+        "model": name, "dataset": data.name, "test_llh_nats": llh_nats, "test_llh_stderr": llh_stderr,
+        "eval_samples": args.eval_samples, "eval_images": len(x_test), "eval_seconds": round(eval_seconds, 1),
+        "k": train_config["k"], "epochs": train_config["epochs"], "epochs_completed": state.epoch,
+        "steps": state.step, "planned_steps": planned_steps, "shortened": state.step < planned_steps,
+        "batch_size": train_config["batch_size"], "lr": train_config["lr"], "schedule": train_config["schedule"],
+        "seed": train_config["seed"], "skipped_steps": state.skipped_steps,
+        "train_seconds": round(state.train_seconds, 1), "train_device": train_config["device"],
+        "device": str(device), "hardware": hardware_name(device), "torch_version": torch.__version__,
+        "command": "python " + " ".join([f"{name}.py", *argv]), "eval_only": args.eval_only,
+        "samples_mean": mean_how, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if report_bpd:
+        num_dims = x_test[0].numel()
+        results["test_bpd"] = bits_per_dim(llh_nats, num_dims)
+        results["test_bpd_stderr"] = llh_stderr / (num_dims * math.log(2))
+    path = os.path.join(args.out_dir, f"{name}_results.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+    summary = (f"{name}: test log p(x) = {llh_nats:.2f} +- {llh_stderr:.2f} nats"
+               + (f" = {results['test_bpd']:.3f} bits/dim" if report_bpd else "")
+               + f" (S={args.eval_samples}, {len(x_test)} test images); wrote {path}")
+    print(summary)
+    return results
+
+
+def cli(run, argv):
+    """Run `run(argv)`; a UserError becomes a one-paragraph message on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

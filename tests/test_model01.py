@@ -1,0 +1,108 @@
+"""model01 end to end on tiny fake MNIST (torchvision's idx files), through main([...])."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model01
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIDS = ["imgs", "recs", "samples", "samples_var"]
+
+
+def args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--eval-samples", "3", "--eval-limit", "8",
+            "--device", "cpu", "--epochs", "2", "--batch-size", "16", "--no-download", *extra]
+
+
+def results(out_dir, name="model01"):
+    with open(os.path.join(out_dir, f"{name}_results.json")) as f:
+        return json.load(f)
+
+
+def test_smoke_run_writes_grids_and_results(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    assert model01.main(args(mnist_dir, out, "--max-steps", "2")) == 0
+    for grid in GRIDS:
+        assert (out / f"model01_{grid}.png").stat().st_size > 0
+    res = results(out)
+    for key in ["model", "dataset", "test_llh_nats", "test_llh_stderr", "eval_samples", "eval_images", "k",
+                "epochs", "steps", "train_seconds", "device", "torch_version", "command"]:
+        assert key in res
+    assert math.isfinite(res["test_llh_nats"]) and res["test_llh_nats"] < 0
+    assert res["steps"] == 2 and res["eval_samples"] == 3 and res["eval_images"] == 8 and res["shortened"]
+    assert res["command"].startswith("python model01.py --data-dir")
+
+
+def test_resume_continues_exactly(mnist_dir, tmp_path):
+    # 64 images / 16 = 4 steps per epoch: stop mid-epoch at step 3, resume to step 6 (into epoch 2)
+    assert model01.main(args(mnist_dir, tmp_path / "a", "--max-steps", "6")) == 0
+    assert model01.main(args(mnist_dir, tmp_path / "b", "--max-steps", "3")) == 0
+    assert model01.main(args(mnist_dir, tmp_path / "b", "--max-steps", "6", "--resume")) == 0
+    a = torch.load(tmp_path / "a" / "model01_checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "model01_checkpoint.pt", weights_only=False)
+    assert a["state"]["step"] == b["state"]["step"] == 6 and b["state"]["epoch"] == 1
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert results(tmp_path / "b")["steps"] == 6
+
+
+def test_resume_refuses_other_flags(mnist_dir, tmp_path, capsys):
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 0
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "2", "--resume", "--k", "3")) == 2
+    assert "--resume needs the flags" in capsys.readouterr().err
+
+
+def test_existing_checkpoint_is_not_overwritten(mnist_dir, tmp_path, capsys):
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 0
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1", "--overwrite")) == 0
+
+
+def test_eval_only_reproduces_the_number(mnist_dir, tmp_path):
+    assert model01.main(args(mnist_dir, tmp_path / "run", "--max-steps", "2", "--eval-samples", "200")) == 0
+    trained = results(tmp_path / "run")
+    ckpt = str(tmp_path / "run" / "model01_checkpoint.pt")
+    assert model01.main(args(mnist_dir, tmp_path / "eval", "--eval-only", "--checkpoint", ckpt,
+                             "--eval-samples", "200")) == 0
+    again = results(tmp_path / "eval")
+    assert again["eval_only"] and again["steps"] == trained["steps"]
+    assert abs(again["test_llh_nats"] - trained["test_llh_nats"]) < 1.0  # 200 samples, same 8 images
+
+
+def test_unreadable_checkpoint_is_a_clear_error(mnist_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert model01.main(args(mnist_dir, tmp_path, "--eval-only", "--checkpoint", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert "Cannot read the checkpoint" in err and "Traceback" not in err
+
+
+def test_missing_data_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "model01.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "MNIST" in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_states_defaults():
+    proc = subprocess.run([sys.executable, "model01.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for expected in ["--eval-samples", "(default: 5000)", "(default: 3280)", "(default: 5)", "{dynamic,static}"]:
+        assert expected in text
+
+
+@pytest.mark.parametrize("flag", [["--k", "0"], ["--device", "tpu"], ["--binarization", "half"]])
+def test_bad_flags_are_errors(flag):
+    with pytest.raises(SystemExit) as exit_:
+        model01.main(flag)
+    assert exit_.value.code == 2
