@@ -79,6 +79,307 @@ def standard_normal(latent_dim, device):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Observation models p(x|z)
+# ---------------------------------------------------------------------------------------------------
+# Pixels x take the values k/(num_bins-1), k = 0..num_bins-1, in [0, 1]. Bin k is centred at
+# c_k = k/(num_bins-1) with half-width h = 1/(2(num_bins-1)); the edge bins take the tails,
+# (-inf, c_0+h] and [c_last-h, +inf), so the bin probabilities sum to one. Bins are found by index.
+
+LOG_VAR_BOUND = 1.0  # Gaussian log-variance = LOG_VAR_BOUND * tanh(raw): variance >= exp(-1)
+LOGISTIC_MIN_BIN_MASS = 1e-5  # below this bin mass use pdf(centre) * 2h, as PixelCNN++ does
+GAUSS_MIN_BIN_WIDTH = 1e-3  # bins narrower than this (in std) use pdf(centre) * 2h, see below
+SAMPLE_U_EPS = 1e-6  # uniforms for inverse-CDF draws lie in [eps, 1-eps]: tails cut at mass 1e-6
+LOG_NDTR_ASYMPTOTIC = 10.0  # log Phi(z) by its asymptotic series for z < -10, see _log_ndtr
+LOG_2PI = math.log(2 * math.pi)
+
+
+def bound_log_var(raw, bounded=True):
+    """The story's tanh bound: log sigma^2 in (-LOG_VAR_BOUND, LOG_VAR_BOUND) if bounded, else raw."""
+    return LOG_VAR_BOUND * torch.tanh(raw) if bounded else raw
+
+
+def _bin_index(x, num_bins):
+    return torch.round(x * (num_bins - 1)).clamp(0, num_bins - 1)
+
+
+def _bin_edges(x, num_bins):
+    """Bin index of x and the bin's lower and upper edges c -+ h. The edges are formed from the
+    index, so that bin k's upper edge and bin k+1's lower edge are the same float and the masses
+    telescope to 1 even for scales far below float32's resolution of loc."""
+    idx = _bin_index(x, num_bins)
+    return idx, (idx - 0.5) / (num_bins - 1), (idx + 0.5) / (num_bins - 1)
+
+
+def _to_grid(y, num_bins):
+    """Clamp to [0, 1] and round to the nearest bin centre: the edge bins take the tails."""
+    return _bin_index(y.clamp(0, 1), num_bins) / (num_bins - 1)
+
+
+def _inner_boundaries(num_bins, like):
+    """c_j - h for j = 1..num_bins-1: the num_bins-1 boundaries between neighbouring bins."""
+    j = torch.arange(1, num_bins, dtype=like.dtype, device=like.device)
+    return (j - 0.5) / (num_bins - 1)
+
+
+def _log1mexp(a):
+    """log(1 - e^a) for a < 0, switching at a = -log 2 (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"). Both branches get safe inputs so that gradients stay finite."""
+    a = a.clamp(max=-torch.finfo(a.dtype).tiny)
+    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)),
+                       torch.log1p(-torch.exp(a.clamp(max=-math.log(2)))))
+
+
+def _log_ndtr(z):
+    """log Phi(z), with gradients accurate in the far left tail. torch.special.log_ndtr is accurate
+    there but its float32 gradient is not (relative error 1e-4 at z = -60, 10% at z = -3000,
+    torch 2.14), so below z = -LOG_NDTR_ASYMPTOTIC use the asymptotic series (Abramowitz & Stegun
+    26.2.12) log Phi(z) = -z^2/2 - log(-z) - log(2pi)/2 + log(1 - 1/z^2 + 3/z^4 - 15/z^6 + 105/z^8),
+    whose truncation error there is < 1e-7 and which autograd differentiates correctly."""
+    z_tail = z.clamp(max=-LOG_NDTR_ASYMPTOTIC)
+    r = z_tail ** -2
+    series = torch.log1p(r * (-1 + r * (3 + r * (-15 + r * 105))))
+    tail = -0.5 * z_tail ** 2 - torch.log(-z_tail) - 0.5 * LOG_2PI + series
+    return torch.where(z < -LOG_NDTR_ASYMPTOTIC, tail, torch.special.log_ndtr(z.clamp(min=-LOG_NDTR_ASYMPTOTIC)))
+
+
+def _logistic_bin_log_prob(x, loc, log_scale, num_bins):
+    """log P(bin of x) per pixel under Logistic(loc, e^log_scale) discretised to num_bins bins
+    (Salimans et al. 2017, PixelCNN++, eq. 2): sigma((c+h-loc)/s) - sigma((c-h-loc)/s)."""
+    half = 0.5 / (num_bins - 1)
+    idx, lower, upper = _bin_edges(x, num_bins)
+    inv_s = torch.exp(-log_scale)
+    plus = (upper - loc) * inv_s  # b = (c + h - loc) / s
+    minus = (lower - loc) * inv_s  # a = (c - h - loc) / s
+    log_cdf_plus = F.logsigmoid(plus)  # first bin: log sigma(b) = -softplus(-b)
+    log_sf_minus = F.logsigmoid(-minus)  # last bin: log(1 - sigma(a)) = -softplus(a)
+    # Interior: sigma(b) - sigma(a) = sigma(b) sigma(-a) (1 - e^{a-b}), an exact identity whose
+    # factors have no cancellation, with a - b = -2h/s formed directly (PixelCNN++ instead takes
+    # the float32 difference of sigmoids).
+    log_mass = log_cdf_plus + log_sf_minus + _log1mexp(-2 * half * inv_s)
+    # Where the mass < 1e-5 PixelCNN++ uses log pdf(centre) + log 2h; kept so numbers match theirs.
+    z = (idx / (num_bins - 1) - loc) * inv_s
+    log_mid = z - 2 * F.softplus(z) + (math.log(2 * half) - log_scale)  # log pdf = z - log s - 2 softplus(z)
+    interior = torch.where(log_mass > math.log(LOGISTIC_MIN_BIN_MASS), log_mass, log_mid)
+    return torch.where(idx == 0, log_cdf_plus, torch.where(idx == num_bins - 1, log_sf_minus, interior))
+
+
+def _logistic_mean(loc, log_scale, num_bins):
+    """Exact mean of the discretised logistic, sum_k c_k P(k), summed by parts:
+    sum_{j>=1} (c_j - c_{j-1}) P(bin >= j) = 1/(num_bins-1) sum_j sigma((loc - (c_j - h)) / s)."""
+    b = _inner_boundaries(num_bins, loc)  # (num_bins-1,)
+    u = (loc.unsqueeze(-1) - b) * torch.exp(-log_scale).unsqueeze(-1)  # (..., num_bins-1)
+    return torch.sigmoid(u).sum(-1) / (num_bins - 1)
+
+
+def _logistic_noise(shape, like):
+    """Standard logistic draws by inverse CDF, log(u / (1 - u)), u kept away from 0 and 1."""
+    return torch.logit(torch.rand(shape, dtype=like.dtype, device=like.device), eps=SAMPLE_U_EPS)
+
+
+class Gaussian(Distribution):
+    """Continuous Gaussian N(loc, e^log_var) per pixel, the density the story trains with.
+
+    Data in [0, 1] (values k/(num_bins-1)), but the density lives on all of R, so log_prob is a
+    log-density, not the log-probability of a bin: log_prob sums log N(x; loc, e^log_var) over
+    (C, H, W). num_bins is only kept for discretized(). loc, log_var: (*batch, C, H, W).
+    """
+    arg_constraints = {"loc": constraints.real, "log_var": constraints.real}
+    support = constraints.independent(constraints.real, 3)
+    has_rsample = True
+
+    def __init__(self, loc, log_var, num_bins=256):
+        self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)  # (*batch, C, H, W)
+        self.num_bins = num_bins
+        super().__init__(self.loc.shape[:-3], self.loc.shape[-3:], validate_args=False)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    def log_prob(self, x):
+        # log N(x; mu, sigma^2) = -(log 2pi + log sigma^2 + (x - mu)^2 / sigma^2) / 2
+        log_px = -0.5 * (LOG_2PI + self.log_var + (x - self.loc) ** 2 * torch.exp(-self.log_var))
+        return log_px.sum((-3, -2, -1))
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + torch.exp(0.5 * self.log_var) * eps
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def discretized(self):
+        return DiscretizedGaussian(self.loc, self.log_var, self.num_bins)
+
+
+class DiscretizedGaussian(Distribution):
+    """N(loc, e^log_var) discretised to num_bins bins on [0, 1]; the edge bins take the tails.
+
+    Data: x = k/(num_bins-1). P(x) = Phi((c+h-loc)/sigma) - Phi((c-h-loc)/sigma) for bin centre c
+    and half-width h = 1/(2(num_bins-1)); log_prob sums log P over (C, H, W).
+    loc, log_var: (*batch, C, H, W).
+    """
+    arg_constraints = {"loc": constraints.real, "log_var": constraints.real}
+    support = constraints.independent(constraints.unit_interval, 3)
+
+    def __init__(self, loc, log_var, num_bins=256):
+        self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)  # (*batch, C, H, W)
+        self.num_bins = num_bins
+        super().__init__(self.loc.shape[:-3], self.loc.shape[-3:], validate_args=False)
+
+    @property
+    def mean(self):
+        # sum_k c_k P(k) summed by parts, as in _logistic_mean: P(bin >= j) = Phi((loc - (c_j - h)) / sigma)
+        b = _inner_boundaries(self.num_bins, self.loc)  # (num_bins-1,)
+        u = (self.loc.unsqueeze(-1) - b) * torch.exp(-0.5 * self.log_var).unsqueeze(-1)  # (..., num_bins-1)
+        return torch.special.ndtr(u).sum(-1) / (self.num_bins - 1)
+
+    def log_prob(self, x):
+        nb, log_var = self.num_bins, self.log_var
+        half = 0.5 / (nb - 1)
+        idx, lower, upper = _bin_edges(x, nb)
+        inv_std = torch.exp(-0.5 * log_var)
+        b = (upper - self.loc) * inv_std  # (c + h - loc) / sigma
+        a = (lower - self.loc) * inv_std  # (c - h - loc) / sigma
+        log_cdf_plus = _log_ndtr(b)  # first bin: log Phi(b)
+        log_sf_minus = _log_ndtr(-a)  # last bin: log(1 - Phi(a)) = log Phi(-a)
+        # Interior: Phi(b) - Phi(a) = Phi(-a) - Phi(-b) by symmetry, so reflect the bins right of the
+        # mode to the left, where log Phi is accurate: Phi(hi) (1 - exp(log Phi(lo) - log Phi(hi))).
+        right = a + b > 0
+        log_hi = torch.where(right, log_sf_minus, log_cdf_plus)
+        log_lo = _log_ndtr(torch.where(right, -b, a))
+        # With log Phi the mass itself never underflows; what fails is log Phi(lo) - log Phi(hi) for
+        # bins narrow next to sigma (relative error ~1e-7 (1 + |z|) sigma/2h, and log 0 once the two log Phi
+        # are equal in float32). Below 2h/sigma = 1e-3 use the midpoint rule pdf(c) * 2h instead, whose
+        # relative error is (2h/sigma)^2 |z^2 - 1| / 24 < 1e-7 |z^2 - 1|.
+        narrow = 2 * half * inv_std < GAUSS_MIN_BIN_WIDTH
+        log_mass = log_hi + _log1mexp(torch.where(narrow, -1.0, log_lo - log_hi))
+        z = (idx / (nb - 1) - self.loc) * inv_std
+        log_mid = -0.5 * (LOG_2PI + log_var + z ** 2) + math.log(2 * half)
+        interior = torch.where(narrow, log_mid, log_mass)
+        log_px = torch.where(idx == 0, log_cdf_plus, torch.where(idx == nb - 1, log_sf_minus, interior))
+        return log_px.sum((-3, -2, -1))
+
+    def sample(self, sample_shape=torch.Size()):
+        # a continuous draw rounded to its bin has exactly the bin probabilities, tails included
+        with torch.no_grad():
+            eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+            return _to_grid(self.loc + torch.exp(0.5 * self.log_var) * eps, self.num_bins)
+
+    def discretized(self):
+        return self
+
+
+class DiscretizedLogistic(Distribution):
+    """Logistic(loc, e^log_scale) discretised to num_bins bins on [0, 1]; edge bins take the tails.
+
+    Data: x = k/(num_bins-1). P(x) = sigma((c+h-loc)/s) - sigma((c-h-loc)/s) (PixelCNN++, Salimans
+    et al. 2017, eq. 2); log_prob sums log P over (C, H, W). loc, log_scale: (*batch, C, H, W).
+    """
+    arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
+    support = constraints.independent(constraints.unit_interval, 3)
+
+    def __init__(self, loc, log_scale, num_bins=256):
+        self.loc, self.log_scale = torch.broadcast_tensors(loc, log_scale)  # (*batch, C, H, W)
+        self.num_bins = num_bins
+        super().__init__(self.loc.shape[:-3], self.loc.shape[-3:], validate_args=False)
+
+    @property
+    def mean(self):
+        return _logistic_mean(self.loc, self.log_scale, self.num_bins)
+
+    def log_prob(self, x):
+        return _logistic_bin_log_prob(x, self.loc, self.log_scale, self.num_bins).sum((-3, -2, -1))
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            eps = _logistic_noise(self._extended_shape(sample_shape), self.loc)
+            return _to_grid(self.loc + torch.exp(self.log_scale) * eps, self.num_bins)
+
+    def discretized(self):
+        return self
+
+
+class DiscretizedLogisticMixture(Distribution):
+    """Mixture of K discretised logistics per pixel (PixelCNN++, Salimans et al. 2017, sec. 2.1-2.2).
+
+    Data: x = k/(num_bins-1) in [0, 1], num_bins bins per channel, edge bins take the tails.
+    One mixture per pixel (not per channel): p(x_ij) = sum_k pi_k prod_c P_k(x_ijc | x_ij,<c);
+    log_prob sums log p(x_ij) over (H, W). Shapes: logits (*batch, K, H, W); loc, log_scale
+    (*batch, K, C, H, W); coeffs (*batch, K, 3, H, W), used as given (the model applies tanh), or
+    None for no dependence between channels (any C). With coeffs the channel means are
+        mu_R = loc_R,  mu_G = loc_G + coeffs_0 x_R,  mu_B = loc_B + coeffs_1 x_R + coeffs_2 x_G.
+    PixelCNN++ writes these on [-1, 1]; on [0, 1] data they are the same family with loc shifted.
+    """
+    arg_constraints = {}
+    support = constraints.independent(constraints.unit_interval, 3)
+
+    def __init__(self, logits, loc, log_scale, coeffs, num_bins=256):
+        if coeffs is not None and loc.shape[-3] != 3:
+            raise ValueError(f"coeffs need RGB data (C = 3), got C = {loc.shape[-3]}; pass coeffs=None")
+        self.logits = logits  # (*batch, K, H, W)
+        self.loc = loc  # (*batch, K, C, H, W)
+        self.log_scale = log_scale  # (*batch, K, C, H, W)
+        self.coeffs = coeffs  # (*batch, K, 3, H, W) or None
+        self.num_bins = num_bins
+        super().__init__(loc.shape[:-4], loc.shape[-3:], validate_args=False)
+
+    def _channel_means(self, x):
+        """Component means given the data; x (*, C, H, W) -> (*, K, C, H, W)."""
+        if self.coeffs is None:
+            return self.loc
+        x_r, x_g, _ = x.unsqueeze(-4).unbind(-3)  # (*, 1, H, W) each
+        loc_r, loc_g, loc_b = self.loc.unbind(-3)  # (*batch, K, H, W) each
+        c_0, c_1, c_2 = self.coeffs.unbind(-3)  # (*batch, K, H, W) each
+        mu = torch.broadcast_tensors(loc_r, loc_g + c_0 * x_r, loc_b + c_1 * x_r + c_2 * x_g)
+        return torch.stack(mu, -3)
+
+    @property
+    def mean(self):
+        if self.coeffs is not None:
+            raise NotImplementedError(
+                "the exact mean with coeffs needs, per pixel, a sum over 256^2 (G) and 256^3 (B) colour "
+                "combinations (num_bins^2 and num_bins^3); use a Monte Carlo mean of sample() instead, "
+                "e.g. monte_carlo_mean(px_z)")
+        pi = F.softmax(self.logits, -3).unsqueeze(-3)  # (*batch, K, 1, H, W)
+        return (pi * _logistic_mean(self.loc, self.log_scale, self.num_bins)).sum(-4)
+
+    def log_prob(self, x):
+        x = _to_grid(x, self.num_bins)  # (*, C, H, W); the means condition on bin centres
+        log_px_k = _logistic_bin_log_prob(x.unsqueeze(-4), self._channel_means(x), self.log_scale,
+                                          self.num_bins).sum(-3)  # (*, K, H, W)
+        log_px = torch.logsumexp(F.log_softmax(self.logits, -3) + log_px_k, -3)  # (*, H, W)
+        return log_px.sum((-2, -1))
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            pi = torch.distributions.Categorical(logits=self.logits.movedim(-3, -1))  # per pixel, over K
+            one_hot = F.one_hot(pi.sample(sample_shape), self.logits.shape[-3])  # (*S, *batch, H, W, K)
+            one_hot = one_hot.movedim(-1, -3).unsqueeze(-3).to(self.loc.dtype)  # (*S, *batch, K, 1, H, W)
+            loc, log_scale = (self.loc * one_hot).sum(-4), (self.log_scale * one_hot).sum(-4)  # (*S, *batch, C, H, W)
+            y = loc + torch.exp(log_scale) * _logistic_noise(loc.shape, loc)  # before the coeffs' shift
+            if self.coeffs is None:
+                return _to_grid(y, self.num_bins)
+            # Channel by channel, each conditioned on the earlier channels' grid values, as log_prob
+            # is (PixelCNN++'s sampler conditions on the unrounded values).
+            c_0, c_1, c_2 = (self.coeffs * one_hot).sum(-4).unbind(-3)  # (*S, *batch, H, W) each
+            y_r, y_g, y_b = y.unbind(-3)  # (*S, *batch, H, W) each
+            x_r = _to_grid(y_r, self.num_bins)
+            x_g = _to_grid(y_g + c_0 * x_r, self.num_bins)
+            x_b = _to_grid(y_b + c_1 * x_r + c_2 * x_g, self.num_bins)
+            return torch.stack([x_r, x_g, x_b], -3)
+
+    def discretized(self):
+        return self
+
+
+def monte_carlo_mean(px_z, n=100):
+    """Approximate mean: the average of n draws of px_z.sample() (standard error ~ std / sqrt(n))."""
+    return sum(px_z.sample() for _ in range(n)) / n
+
+
+# ---------------------------------------------------------------------------------------------------
 # Objective (Burda et al. 2015, eq. 6) and the test log-likelihood estimator
 # ---------------------------------------------------------------------------------------------------
 def log_weights(model, x, k, eval_pmf=False):
@@ -223,6 +524,9 @@ def restore(blob, model, optimizer=None, rng=True):
 # ---------------------------------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------------------------------
+COLOUR_SKIP_GRAD_NORM = 1e9  # a last resort: gradient norms up to 2e8 were seen in the first steps of --unbounded model03
+
+
 class Diverged(UserError):
     pass
 
@@ -381,6 +685,7 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip
                    help="(sample, image) pairs per decoder pass in evaluation; lower it if memory runs out")
     p.add_argument("--skip-grad-norm", type=float, default=skip_grad_norm,
                    help="skip (and count) a step whose gradient norm exceeds this, as well as any non-finite step")
+    p.add_argument("--max-skips", type=positive_int, default=100, help="stop the run after this many skipped steps in a row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -394,7 +699,7 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit", "eval_max_rows", "device",
+RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit", "eval_max_rows", "device",
                      "threads", "resume", "overwrite", "eval_only", "checkpoint", "checkpoint_minutes", "no_download"}
 
 
@@ -439,6 +744,7 @@ def run_experiment(args, argv, *, name, build_model, data, eval_pmf, report_bpd,
         state, _ = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
                          lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
                          config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
+                         max_skips_in_a_row=args.max_skips,
                          checkpoint_minutes=args.checkpoint_minutes)
 
     x_test = data.test[:args.eval_limit] if args.eval_limit else data.test

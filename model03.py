@@ -1,0 +1,125 @@
+"""Chapter 3: a discretized logistic p(x|z): a probability for each of the 256 pixel values.
+
+What changed since model02: the observation model. The Gaussian was trained as a density on data that
+take only 256 values, and only scored as a probability afterwards. Here p(x|z) is a distribution over
+the 256 values themselves: a logistic per sub-pixel, binned (bin k covers k/255 +- 1/510, the edge
+bins take the tails; PixelCNN++, Salimans et al. 2017), so the training objective and the test
+log-likelihood are the same quantity. The same bound as model02 is kept on the variance of the
+logistic (s^2 pi^2 / 3 in [exp(-1), e]); `--unbounded` removes it.
+
+    objective:  L_k(x) = E log (1/k) sum_i P(x | z_i) p(z_i) / q(z_i|x),
+                P(x|z) = prod_subpixels [sigmoid((x + 1/510 - mu) / s) - sigmoid((x - 1/510 - mu) / s)]
+    log s = (tanh(decoder output) - log(pi^2 / 3)) / 2   (bounded)   or   decoder output   (--unbounded)
+
+Run:  python model03.py --data-dir ../shared/data            (bounded)
+      python model03.py --data-dir ../shared/data --unbounded
+It writes assets/model03_{imgs,recs,samples,samples_var,curve}.png, model03_results.json and
+model03_checkpoint.pt (model03_unbounded_* with --unbounded).
+"""
+import math
+
+from torch import nn
+
+import common
+import data
+
+# config: the argparse defaults below (python model03.py --help)
+LATENT_DIM = 128  # one stochastic layer
+CHANNELS = 32  # width of the convolutional stacks
+EPOCHS = 50
+BATCH_SIZE = 64
+K = 1  # importance samples in training: the ELBO
+LR = 1e-3
+LOG_LOGISTIC_VAR_FACTOR = math.log(math.pi ** 2 / 3)  # variance of a logistic = s^2 pi^2 / 3
+
+
+def conv_stack(channels_in, width):
+    """Three stride-2 convolutions: 32x32 -> 4x4."""
+    return nn.Sequential(
+        nn.Conv2d(channels_in, width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.SiLU(),
+    )
+
+
+def deconv_stack(width, channels_out):
+    """Three stride-2 transposed convolutions 4x4 -> 32x32, then a stride-1 convolution, so that no
+    2x2 block of output pixels is a projection of a single feature (the original vae-mdl's note)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.SiLU(),
+        nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.SiLU(),
+        nn.ConvTranspose2d(width, width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(width, channels_out, 3, 1, 1),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, channels=3, width=CHANNELS, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.net = nn.Sequential(conv_stack(channels, width), nn.Flatten(), nn.Linear(4 * width * 16, 2 * latent_dim))
+
+    def forward(self, x):
+        mu, log_sigma = self.net(x).chunk(2, dim=-1)  # (B, D) each
+        return common.diagonal_gaussian(mu, log_sigma)
+
+
+class Decoder(nn.Module):
+    def __init__(self, observation, channels=3, width=CHANNELS, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.observation, self.width = observation, width
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 4 * width * 16), nn.SiLU())
+        self.net = deconv_stack(width, observation.num_params(channels))
+
+    def forward(self, z):
+        h = self.fc(z).view(-1, 4 * self.width, 4, 4)
+        return self.observation(self.net(h))
+
+
+class LogisticObservation(nn.Module):
+    """p(x|z): a discretized logistic per sub-pixel; the variance s^2 pi^2 / 3 is bounded as model02's
+    Gaussian's (log-variance through tanh) unless `bounded` is False, when the log-scale is the raw output."""
+    def __init__(self, bounded=True, num_bins=data.NUM_BINS):
+        super().__init__()
+        self.bounded, self.num_bins = bounded, num_bins
+
+    def num_params(self, channels):
+        return 2 * channels  # loc and a (log-)spread per channel
+
+    def forward(self, out):
+        loc, raw = out.chunk(2, dim=1)  # (N, C, H, W) each
+        log_scale = (common.bound_log_var(raw) - LOG_LOGISTIC_VAR_FACTOR) / 2 if self.bounded else raw
+        return common.DiscretizedLogistic(loc, log_scale, num_bins=self.num_bins)
+
+
+class VAE(nn.Module):
+    def __init__(self, observation, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder, self.decoder = Encoder(latent_dim=latent_dim), Decoder(observation, latent_dim=latent_dim)
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def run(argv):
+    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+                                eval_max_rows=1000, skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+    parser.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
+    parser.add_argument("--unbounded", action="store_true",
+                        help="no bound on the variance: the log-scale is the decoder's raw output")
+    args = parser.parse_args(argv)
+    images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
+    name = "model03_unbounded" if args.unbounded else "model03"
+    return common.run_experiment(args, argv, name=name, data=images, eval_pmf=True, report_bpd=True,
+                                 build_model=lambda: VAE(LogisticObservation(bounded=not args.unbounded)))
+
+
+def main(argv=None):
+    return common.cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Chapter 4: a mixture of discretized logistics with autoregression over R, G, B (PixelCNN++).
+
+What changed since model04: the observation model again. One logistic per sub-pixel, independent
+across channels, cannot say "this pixel is either dark blue or light grey", nor that a pixel's green
+goes with its red. PixelCNN++ (Salimans et al. 2017, sec. 2.1-2.2) gives each pixel a mixture of K
+components, and within a component lets the mean of G move with the value of R, and B's with R and G.
+No bound on the variance: only PixelCNN++'s floor on the log-scale (LOG_SCALE_MIN).
+
+    objective:  L_k(x) = E log (1/k) sum_i P(x | z_i) p(z_i) / q(z_i|x),
+    P(x_pixel|z) = sum_j pi_j DL(r; mu_jr, s_jr) DL(g; mu_jg + a_j r, s_jg) DL(b; mu_jb + b_j r + c_j g, s_jb)
+    with DL the discretized logistic of model04 and (a_j, b_j, c_j) = tanh(decoder output).
+
+Run:  python model04.py --data-dir ../shared/data
+It writes assets/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
+model04_checkpoint.pt. The grid of samples' means is a Monte Carlo mean (100 draws): the exact mean
+of the autoregressive mixture is a sum over 256^3 colours per pixel.
+"""
+import torch
+from torch import nn
+
+import common
+import data
+
+# config: the argparse defaults below (python model04.py --help)
+LATENT_DIM = 128  # one stochastic layer
+CHANNELS = 32  # width of the convolutional stacks
+EPOCHS = 50
+BATCH_SIZE = 64
+K = 1  # importance samples in training: the ELBO
+LR = 1e-3
+NUM_COMPONENTS = 10  # mixture components per pixel (PixelCNN++ uses 5 to 10)
+LOG_SCALE_MIN = -7.0  # floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)
+
+
+def conv_stack(channels_in, width):
+    """Three stride-2 convolutions: 32x32 -> 4x4."""
+    return nn.Sequential(
+        nn.Conv2d(channels_in, width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.SiLU(),
+    )
+
+
+def deconv_stack(width, channels_out):
+    """Three stride-2 transposed convolutions 4x4 -> 32x32, then a stride-1 convolution, so that no
+    2x2 block of output pixels is a projection of a single feature (the original vae-mdl's note)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.SiLU(),
+        nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.SiLU(),
+        nn.ConvTranspose2d(width, width, 4, 2, 1), nn.SiLU(),
+        nn.Conv2d(width, channels_out, 3, 1, 1),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, channels=3, width=CHANNELS, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.net = nn.Sequential(conv_stack(channels, width), nn.Flatten(), nn.Linear(4 * width * 16, 2 * latent_dim))
+
+    def forward(self, x):
+        mu, log_sigma = self.net(x).chunk(2, dim=-1)  # (B, D) each
+        return common.diagonal_gaussian(mu, log_sigma)
+
+
+class Decoder(nn.Module):
+    def __init__(self, observation, channels=3, width=CHANNELS, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.observation, self.width = observation, width
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 4 * width * 16), nn.SiLU())
+        self.net = deconv_stack(width, observation.num_params(channels))
+
+    def forward(self, z):
+        h = self.fc(z).view(-1, 4 * self.width, 4, 4)
+        return self.observation(self.net(h))
+
+
+class MixtureObservation(nn.Module):
+    """p(x|z): per pixel, a mixture of K discretized logistics over (R, G, B), with G's mean moving with R
+    and B's with R and G inside each component (PixelCNN++)."""
+
+    def __init__(self, num_components=NUM_COMPONENTS, num_bins=data.NUM_BINS):
+        super().__init__()
+        self.num_components, self.num_bins = num_components, num_bins
+
+    def num_params(self, channels):
+        if channels != 3:
+            raise common.UserError(f"the RGB autoregression needs 3 channels, the data have {channels}")
+        return self.num_components * (1 + 3 * channels)  # logit, and loc, log-scale, coefficient per channel
+
+    def forward(self, out):
+        n, _, h, w = out.shape
+        k = self.num_components
+        logits = out[:, :k]  # (N, K, H, W)
+        loc, log_scale, coeffs = out[:, k:].view(n, 3, k, 3, h, w).unbind(1)  # (N, K, C, H, W) each
+        return common.DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=LOG_SCALE_MIN), torch.tanh(coeffs),
+                                                 num_bins=self.num_bins)
+
+
+class VAE(nn.Module):
+    def __init__(self, observation, latent_dim=LATENT_DIM):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder, self.decoder = Encoder(latent_dim=latent_dim), Decoder(observation, latent_dim=latent_dim)
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def run(argv):
+    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+                                eval_max_rows=1000, skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+    parser.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
+    parser.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
+                        help="mixture components per pixel")
+    args = parser.parse_args(argv)
+    images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
+    return common.run_experiment(args, argv, name="model04", data=images, eval_pmf=True, report_bpd=True,
+                                 build_model=lambda: VAE(MixtureObservation(args.components)))
+
+
+def main(argv=None):
+    return common.cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""model02-04 end to end on tiny fake CIFAR-10 / SVHN files, through main([...])."""
+import json
+import math
+
+import pytest
+import torch
+
+import model02
+import model03
+import model04
+from conftest import write_svhn
+
+GRIDS = ["imgs", "recs", "samples", "samples_var"]
+
+
+def args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--eval-samples", "2", "--eval-limit", "6",
+            "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--no-download", *extra]
+
+
+@pytest.mark.parametrize("script,flags,name", [
+    (model02, [], "model02"), (model02, ["--unbounded"], "model02_unbounded"),
+    (model03, [], "model03"), (model03, ["--unbounded"], "model03_unbounded"),
+    (model04, [], "model04"),
+])
+def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, script, flags, name):
+    out = tmp_path / "out"
+    assert script.main(args(cifar_bin_dir, out, "--max-steps", "2", *flags)) == 0
+    for grid in GRIDS:
+        assert (out / f"{name}_{grid}.png").stat().st_size > 0
+    res = json.loads((out / f"{name}_results.json").read_text())
+    assert res["dataset"] == "cifar10" and res["steps"] == 2 and res["eval_images"] == 6
+    assert math.isfinite(res["test_bpd"]) and res["test_bpd"] > 0
+    assert res["test_bpd"] == pytest.approx(-res["test_llh_nats"] / (3072 * math.log(2)))
+    assert res["samples_mean"] == ("monte carlo, 100 draws" if name == "model04" else "exact")
+
+
+def test_svhn(tmp_path):
+    write_svhn(tmp_path)
+    assert model03.main(args(tmp_path, tmp_path / "out", "--max-steps", "1", "--dataset", "svhn")) == 0
+    assert json.loads((tmp_path / "out" / "model03_results.json").read_text())["dataset"] == "svhn"
+
+
+def test_unbounded_flag_changes_the_observation_model():
+    z = torch.randn(2, model03.LATENT_DIM)
+    torch.manual_seed(0)
+    bounded = model03.VAE(model03.LogisticObservation(bounded=True))
+    torch.manual_seed(0)
+    unbounded = model03.VAE(model03.LogisticObservation(bounded=False))
+    with torch.no_grad():
+        unbounded.decoder.net[-1].bias.fill_(-5.0)  # a tiny log-scale, which only the unbounded model allows
+        bounded.decoder.net[-1].bias.fill_(-5.0)
+        s_bounded, s_unbounded = bounded.decode(z).log_scale, unbounded.decode(z).log_scale
+    variance = lambda log_scale: (2 * log_scale).exp() * math.pi ** 2 / 3
+    assert variance(s_bounded).min() >= math.exp(-1) - 1e-6
+    assert variance(s_unbounded).max() < math.exp(-1)
+
+
+def test_gaussian_bound_is_exp_minus_one():
+    obs_bounded, obs_free = model02.GaussianObservation(True), model02.GaussianObservation(False)
+    out = torch.cat([torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), -30.0)], dim=1)
+    assert obs_bounded(out).log_var.min() >= -1.0
+    assert obs_free(out).log_var.max() == -30.0
+
+
+def test_non_finite_and_huge_steps_are_skipped_and_counted(cifar_bin_dir, tmp_path):
+    out = tmp_path / "out"
+    assert model03.main(args(cifar_bin_dir, out, "--max-steps", "3", "--skip-grad-norm", "1e-12")) == 0
+    res = json.loads((out / "model03_results.json").read_text())
+    assert res["skipped_steps"] == 3 and res["steps"] == 3
+
+
+def test_many_skips_in_a_row_stop_the_run(cifar_bin_dir, tmp_path, capsys):
+    code = model02.main(args(cifar_bin_dir, tmp_path, "--skip-grad-norm", "1e-12", "--max-skips", "4"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Training diverged: 4 steps in a row" in err and "Traceback" not in err
+
+
+def test_mixture_needs_rgb():
+    with pytest.raises(Exception, match="3 channels"):
+        model04.MixtureObservation().num_params(1)
