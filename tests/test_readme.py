@@ -1,0 +1,99 @@
+"""Every number in README.md's results tables is rendered from a results JSON under assets/.
+
+The tables sit between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers; this test renders
+them from the JSON files and fails if the README differs. `python tests/test_readme.py` rewrites them.
+"""
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+COLOUR_ROWS = [  # (results file, p(x|z), variance)
+    ("model02", "Gaussian (trained as a density)", "bounded: log-variance = tanh"),
+    ("model02_unbounded", "Gaussian (trained as a density)", "unbounded"),
+    ("model03", "discretized logistic", "bounded: log-variance = tanh"),
+    ("model03_unbounded", "discretized logistic", "unbounded"),
+    ("model04", "mixture of 10 discretized logistics, RGB autoregression", "log-scale >= -7"),
+]
+
+
+def load(name):
+    path = os.path.join(ROOT, "assets", f"{name}_results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def how(r):
+    epochs = f"{r['epochs_completed']} of {r['epochs']}" if r["shortened"] else f"{r['epochs']}"
+    return (f"{epochs} | {r['steps']} | {r['train_seconds'] / 60:.0f} min | {r['hardware']} | "
+            f"`{r['command']}`")
+
+
+def render_model01():
+    lines = ["| | test log p(x), nats | ± s.e. | S | test images | epochs | steps | training time | hardware | command |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             "| Burda et al. 2015, IWAE k=5, one stochastic layer | -85.54 | | 5000 | 10000 | 3280 | | | | |",
+             "| original vae-mdl | -85.02 | | 5000 | | | | | | |"]
+    r = load("model01")
+    if r is None:
+        lines.append("| this repository | not run yet | | | | | | | | |")
+    else:
+        lines.append(f"| this repository | {r['test_llh_nats']:.2f} | {r['test_llh_stderr']:.2f} | {r['eval_samples']} | "
+                     f"{r['eval_images']} | {how(r)} |")
+    return "\n".join(lines)
+
+
+def render_colour():
+    lines = ["| script | p(x\\|z) | variance | test bits/dim | ± s.e. | S | test images | epochs | steps | "
+             "training time | hardware | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, px_z, variance in COLOUR_ROWS:
+        r = load(name)
+        if r is None:
+            lines.append(f"| {name} | {px_z} | {variance} | not run yet | | | | | | | | |")
+        else:
+            lines.append(f"| {name} | {px_z} | {variance} | {r['test_bpd']:.3f} | {r['test_bpd_stderr']:.3f} | "
+                         f"{r['eval_samples']} | {r['eval_images']} | {how(r)} |")
+    return "\n".join(lines)
+
+
+TABLES = {"model01": render_model01, "colour": render_colour}
+
+
+def blocks(text):
+    return {m.group(1): m.group(2).strip() for m in
+            re.finditer(r"<!-- results:(\w+) -->\n(.*?)<!-- /results:\1 -->", text, flags=re.S)}
+
+
+def test_readme_tables_are_the_results_files():
+    with open(README) as f:
+        found = blocks(f.read())
+    assert set(found) == set(TABLES), "README.md must hold every results table, between its markers"
+    for name, render in TABLES.items():
+        assert found[name] == render(), f"README table '{name}' differs from assets/*_results.json: " \
+                                        f"run python tests/test_readme.py"
+
+
+def test_every_results_file_is_in_the_readme():
+    with open(README) as f:
+        text = f.read()
+    for file in os.listdir(os.path.join(ROOT, "assets")):
+        if file.endswith("_results.json"):
+            r = load(file[:-len("_results.json")])
+            number = f"{r['test_bpd']:.3f}" if "test_bpd" in r else f"{r['test_llh_nats']:.2f}"
+            assert number in text, f"{file}: {number} is not in README.md"
+
+
+if __name__ == "__main__":
+    with open(README) as f:
+        text = f.read()
+    for name, render in TABLES.items():
+        text = re.sub(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)",
+                      lambda m: m.group(1) + render() + "\n" + m.group(2), text, flags=re.S)
+    with open(README, "w") as f:
+        f.write(text)
+    print("README.md tables rewritten from assets/*_results.json")
