@@ -75,10 +75,18 @@ def _fixed_binarization(x_uint8, seed):
 
 
 def _missing(what, where, hint, err):
+    reason = " ".join(str(err).split())  # torchvision's messages span lines; keep one paragraph
     return DataError(
-        f"{what} is not in {where} and could not be downloaded ({type(err).__name__}: {err}). "
+        f"{what} is not in {where} and could not be downloaded ({type(err).__name__}: {reason}). "
         f"{hint} Pass --data-dir with the folder that holds it (on the project's machines: "
         f"--data-dir ../shared/data).")
+
+
+def _remove_empty(created):
+    """Leave no empty folders behind from a failed download."""
+    for d in reversed(created):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
 
 
 def load_mnist(data_dir, binarization="dynamic", download=True):
@@ -89,10 +97,13 @@ def load_mnist(data_dir, binarization="dynamic", download=True):
     The test set is always binarized once with TEST_BINARIZATION_SEED.
     """
     from torchvision.datasets import MNIST
+    created = [d for d in (data_dir, os.path.join(data_dir, "MNIST"), os.path.join(data_dir, "MNIST", "raw"))
+               if not os.path.exists(d)]
     try:
         train = MNIST(data_dir, train=True, download=download).data
         test = MNIST(data_dir, train=False, download=download).data
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... offline
+        _remove_empty(created)
         raise _missing("MNIST", os.path.join(data_dir, "MNIST", "raw"),
                        f"Expected torchvision's files {', '.join(MNIST_FILES)} (or their .gz).", err) from None
     train, test = train.unsqueeze(1), test.unsqueeze(1)  # (N, 1, 28, 28) uint8
@@ -127,12 +138,14 @@ def load_cifar10(data_dir, download=True):
             train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
             if all(os.path.exists(os.path.join(py_dir, f)) for f in train_files + test_files):
                 return ImageData("cifar10", read_cifar10_py(py_dir, train_files), read_cifar10_py(py_dir, test_files))
+        created = [] if os.path.exists(data_dir) else [data_dir]
         try:
             if not download:
                 raise FileNotFoundError("downloading is switched off")
             from torchvision.datasets.utils import download_and_extract_archive
             download_and_extract_archive(CIFAR10_BIN_URL, data_dir, md5=CIFAR10_BIN_MD5)
         except Exception as err:
+            _remove_empty(created)
             raise _missing("CIFAR-10", bin_dir, "Expected the official binary version "
                            f"({', '.join(CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES)}) or torchvision's "
                            f"python version in {py_dir}.", err) from None
@@ -152,12 +165,14 @@ def load_svhn(data_dir, download=True):
     for split in ("train", "test"):
         path = os.path.join(data_dir, f"{split}_32x32.mat")
         if not os.path.exists(path):
+            created = [] if os.path.exists(data_dir) else [data_dir]
             try:
                 if not download:
                     raise FileNotFoundError("downloading is switched off")
                 from torchvision.datasets.utils import download_url
                 download_url(SVHN_URL.format(split=split), data_dir, f"{split}_32x32.mat", SVHN_MD5[split])
             except Exception as err:
+                _remove_empty(created)
                 raise _missing("SVHN", data_dir, "Expected the official train_32x32.mat and test_32x32.mat.", err) from None
         splits[split] = read_svhn_mat(path)
     return ImageData("svhn", splits["train"], splits["test"])
