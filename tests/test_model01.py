@@ -86,7 +86,7 @@ def test_unreadable_checkpoint_is_a_clear_error(mnist_dir, tmp_path, capsys):
 
 def test_missing_data_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "model01.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "MNIST" in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -94,7 +94,7 @@ def test_missing_data_exits_nonzero_without_traceback(tmp_path):
 
 def test_help_states_defaults():
     proc = subprocess.run([sys.executable, "model01.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for expected in ["--eval-samples", "(default: 5000)", "(default: 3280)", "(default: 5)", "{dynamic,static}"]:
