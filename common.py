@@ -47,7 +47,8 @@ def hardware_name(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def seed_everything(seed):
@@ -703,7 +704,7 @@ RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_
                      "threads", "resume", "overwrite", "eval_only", "checkpoint", "checkpoint_minutes", "no_download"}
 
 
-def run_experiment(args, argv, *, name, build_model, data, eval_pmf, report_bpd, adam_eps=1e-8):
+def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, report_bpd, adam_eps=1e-8):
     """Seed, build the model, train (or resume, or only load), evaluate log p(x) on the test set, write grids
     and results. Returns the results dict."""
     if args.resume and args.eval_only:
@@ -766,7 +767,7 @@ def run_experiment(args, argv, *, name, build_model, data, eval_pmf, report_bpd,
         "seed": train_config["seed"], "skipped_steps": state.skipped_steps,
         "train_seconds": round(state.train_seconds, 1), "train_device": train_config["device"],
         "device": str(device), "hardware": hardware_name(device), "torch_version": torch.__version__,
-        "command": "python " + " ".join([f"{name}.py", *argv]), "eval_only": args.eval_only,
+        "command": "python " + " ".join([script, *argv]), "eval_only": args.eval_only,
         "samples_mean": mean_how, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     if report_bpd:

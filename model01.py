@@ -94,7 +94,8 @@ def run(argv):
         model.init_output_bias(mnist.train_mean())
         return model
 
-    return common.run_experiment(args, argv, name="model01", build_model=build_model, data=mnist, eval_pmf=False,
+    return common.run_experiment(args, argv, script="model01.py",
+                                 name="model01", build_model=build_model, data=mnist, eval_pmf=False,
                                  report_bpd=False, adam_eps=ADAM_EPS)
 
 

@@ -109,7 +109,8 @@ def run(argv):
     args = parser.parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
     name = "model02_unbounded" if args.unbounded else "model02"
-    return common.run_experiment(args, argv, name=name, data=images, eval_pmf=True, report_bpd=True,
+    return common.run_experiment(args, argv, script="model02.py",
+                                 name=name, data=images, eval_pmf=True, report_bpd=True,
                                  build_model=lambda: VAE(GaussianObservation(bounded=not args.unbounded)))
 
 

@@ -117,7 +117,8 @@ def run(argv):
                         help="mixture components per pixel")
     args = parser.parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
-    return common.run_experiment(args, argv, name="model04", data=images, eval_pmf=True, report_bpd=True,
+    return common.run_experiment(args, argv, script="model04.py",
+                                 name="model04", data=images, eval_pmf=True, report_bpd=True,
                                  build_model=lambda: VAE(MixtureObservation(args.components)))
 
 

@@ -32,6 +32,7 @@ def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, script, fla
     assert res["dataset"] == "cifar10" and res["steps"] == 2 and res["eval_images"] == 6
     assert math.isfinite(res["test_bpd"]) and res["test_bpd"] > 0
     assert res["test_bpd"] == pytest.approx(-res["test_llh_nats"] / (3072 * math.log(2)))
+    assert res["command"].startswith(f"python {script.__name__}.py --data-dir")
     assert res["samples_mean"] == ("monte carlo, 100 draws" if name == "model04" else "exact")
 
 
