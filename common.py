@@ -383,18 +383,22 @@ def monte_carlo_mean(px_z, n=100):
 # ---------------------------------------------------------------------------------------------------
 # Objective (Burda et al. 2015, eq. 6) and the test log-likelihood estimator
 # ---------------------------------------------------------------------------------------------------
+def observe(model, z, eval_pmf=False):
+    """p(x|z); with eval_pmf, its probability of the 8-bit values (`discretized()`: the Gaussian, trained as
+    a density, becomes the mass of each value's bin; the discrete models are unchanged)."""
+    px_z = model.decode(z)
+    return px_z.discretized() if eval_pmf else px_z
+
+
 def log_weights(model, x, k, eval_pmf=False):
     """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k.
 
-    eval_pmf: score x with `px_z.discretized()`, the probability of the 8-bit value (for an
-    observation model trained with a density, the Gaussian). Returns a dict of (k, B) tensors.
+    eval_pmf: score x with the probability of its 8-bit values (see `observe`). Returns a dict of (k, B) tensors.
     """
     qz_x = model.encode(x)
     z = qz_x.rsample((k,))  # (k, B, D)
     pz = standard_normal(z.shape[-1], x.device)
-    px_z = model.decode(merge(z))
-    if eval_pmf:
-        px_z = px_z.discretized()
+    px_z = observe(model, merge(z), eval_pmf)
     log_px_z = unmerge(px_z.log_prob(merge(x.expand(k, *x.shape))), k)  # (k, B)
     log_pz, log_qz_x = pz.log_prob(z), qz_x.log_prob(z)  # (k, B)
     return {"log_w": log_px_z + log_pz - log_qz_x, "log_px_z": log_px_z, "log_pz": log_pz, "log_qz_x": log_qz_x}
@@ -449,14 +453,14 @@ def bits_per_dim(nats, num_dims):
 # Learning-rate schedules
 # ---------------------------------------------------------------------------------------------------
 IWAE_STAGES = 8  # Burda et al. 2015, sec. 5: stage i = 0..7 lasts 3^i epochs at lr 1e-3 * 10^(-i/7)
-IWAE_EPOCHS = sum(3 ** i for i in range(IWAE_STAGES))  # 3280
+IWAE_STAGE_ENDS = [sum(3 ** j for j in range(i + 1)) for i in range(IWAE_STAGES)]  # in epochs: 1, 4, 13, ...
+IWAE_EPOCHS = IWAE_STAGE_ENDS[-1]  # 3280
 
 
 def iwae_lr(step, total_steps, base_lr=1e-3):
     """The paper's schedule, compressed into `total_steps`: the fraction of training done decides the stage."""
     position = IWAE_EPOCHS * step / max(total_steps, 1)
-    ends = [sum(3 ** j for j in range(i + 1)) for i in range(IWAE_STAGES)]
-    stage = next((i for i, end in enumerate(ends) if position < end), IWAE_STAGES - 1)
+    stage = next((i for i, end in enumerate(IWAE_STAGE_ENDS) if position < end), IWAE_STAGES - 1)
     return base_lr * 10 ** (-stage / 7)
 
 
@@ -498,8 +502,10 @@ def load_checkpoint(path, device):
                         f"the path of a checkpoint this script wrote.")
     try:
         blob = torch.load(path, map_location=device, weights_only=False)
+        missing = {"model", "optimizer", "state", "config", "rng_cpu", "rng_cuda"} - set(blob)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
         blob["state"] = TrainState(**blob["state"])
-        blob["model"], blob["config"]  # noqa: B018 (both must be there)
     except Exception as err:
         raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {err}). It is damaged or was "
                         f"not written by this project; delete it and train again, or point --checkpoint "
@@ -601,7 +607,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     bar.close()
     state.train_seconds = time.time() - t0
     save_checkpoint(ckpt_path, model, optimizer, state, config)
-    return state, total_steps
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,13 +627,8 @@ def save_grids(model, x, out_dir, name, eval_pmf, nrow=8):
     _samples_var.png: x ~ p(x|z) for the same z. Returns how the means were computed."""
     from torchvision.utils import save_image
     model.eval()
-
-    def observe(z):
-        px_z = model.decode(z)
-        return px_z.discretized() if eval_pmf else px_z
-
-    recs, how = observation_mean(observe(model.encode(x).sample()))
-    px_z = observe(standard_normal(model.latent_dim, x.device).sample((len(x),)))
+    recs, how = observation_mean(observe(model, model.encode(x).sample(), eval_pmf))
+    px_z = observe(model, standard_normal(model.latent_dim, x.device).sample((len(x),)), eval_pmf)
     samples, _ = observation_mean(px_z)
     for suffix, images in [("imgs", x), ("recs", recs), ("samples", samples), ("samples_var", px_z.sample())]:
         save_image(images.clamp(0, 1).cpu(), os.path.join(out_dir, f"{name}_{suffix}.png"), nrow=nrow, padding=1)
@@ -742,7 +743,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     steps_per_epoch = math.ceil(len(data.train) / train_config["batch_size"])
 
     if not args.eval_only:
-        state, _ = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
+        state = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
                          lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
                          config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
                          max_skips_in_a_row=args.max_skips,
