@@ -7,16 +7,19 @@ so `px_z.log_prob(x)` is one number per image. Importance samples are a leading 
 the batch axis for the networks by `merge` and unfolded by `unmerge`.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 from tqdm import tqdm
 
@@ -63,6 +66,58 @@ def merge(t):
 def unmerge(t, k):
     """(k*B, ...) -> (k, B, ...), the inverse of `merge`."""
     return t.reshape(k, t.shape[0] // k, *t.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed plumbing: torch.compile with an eager fallback, and the device settings it pays to use
+# ---------------------------------------------------------------------------------------------------
+class compiled:
+    """`fn` under torch.compile (static shapes), or `fn` itself if `enabled` is False. If compilation fails
+    here (no C++ compiler, an unsupported platform or Python), one warning and then `fn` eagerly: the same
+    numbers, only slower. `what` names the path in the warning."""
+    _warned = set()
+
+    def __init__(self, fn, enabled=True, what="", mode=None):
+        self.fn, self.what, self.compiled_fn = fn, what, None
+        if enabled:
+            try:
+                self.compiled_fn = torch.compile(fn, dynamic=False, mode=mode)
+            except Exception as err:  # e.g. "Dynamo is not supported on Python 3.x"
+                self._fall_back(err)
+
+    def _fall_back(self, err):
+        self.compiled_fn = None
+        if self.what not in compiled._warned:
+            compiled._warned.add(self.what)
+            reason = " ".join(str(err).split())[:300]
+            print(f"warning: torch.compile is not available for {self.what} here ({type(err).__name__}: {reason}); "
+                  f"running eagerly, which gives the same numbers more slowly. Pass --no-compile to skip the "
+                  f"attempt.", file=sys.stderr)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled_fn is not None:
+            try:
+                return self.compiled_fn(*args, **kwargs)
+            except Exception as err:  # a backend that fails at the first call (missing compiler, ...)
+                self._fall_back(err)
+        return self.fn(*args, **kwargs)
+
+
+def configure_device(model, device, amp, channels_last):
+    """TF32 matmuls on CUDA; bf16 autocast for the networks only (`amp`); channels_last convolutions."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if amp:
+        model.amp_dtype = torch.bfloat16
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x, device, channels_last=False):
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,18 +445,64 @@ def observe(model, z, eval_pmf=False):
     return px_z.discretized() if eval_pmf else px_z
 
 
-def log_weights(model, x, k, eval_pmf=False):
-    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k.
+class OneLayerVAE(nn.Module):
+    """The one-stochastic-layer VAE of chapters 1-4; a chapter sets `encoder` (x -> mu, log_sigma),
+    `decoder` (z -> the raw parameters of p(x|z)), `observation` (raw parameters -> p(x|z)) and `latent_dim`.
 
-    eval_pmf: score x with the probability of its 8-bit values (see `observe`). Returns a dict of (k, B) tensors.
+    What the objective, the estimator and the grids ask of any model (a hierarchical one answers the same):
+    `encode(x)` (the part of inference that sees only x, run once per image), `log_weight_parts`,
+    `reconstruct(x)` and `generate(n)`. The networks run under `amp_dtype` autocast when it is set
+    (`--amp`); their outputs are cast to float32 before any distribution sees them.
     """
-    qz_x = model.encode(x)
-    z = qz_x.rsample((k,))  # (k, B, D)
-    pz = standard_normal(z.shape[-1], x.device)
-    px_z = observe(model, merge(z), eval_pmf)
-    log_px_z = unmerge(px_z.log_prob(merge(x.expand(k, *x.shape))), k)  # (k, B)
-    log_pz, log_qz_x = pz.log_prob(z), qz_x.log_prob(z)  # (k, B)
-    return {"log_w": log_px_z + log_pz - log_qz_x, "log_px_z": log_px_z, "log_pz": log_pz, "log_qz_x": log_qz_x}
+    amp_dtype = None  # e.g. torch.bfloat16: autocast for the networks only
+
+    def autocast(self, device_type):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.amp_dtype)
+
+    def encode(self, x):
+        """q(z|x) = N(mu, diag sigma^2), batch (B,), event (D,)."""
+        with self.autocast(x.device.type):
+            mu, log_sigma = self.encoder(x)  # (B, D) each
+        return diagonal_gaussian(mu.float(), log_sigma.float())
+
+    def decode(self, z):
+        """p(x|z) for z of shape (*, D): batch shape (*), event (C, H, W)."""
+        with self.autocast(z.device.type):
+            out = self.decoder(z)  # (*, P, H, W): the observation model's raw parameters
+        return self.observation(out.float())
+
+    def log_weight_parts(self, x, k, eval_pmf=False, encoding=None):
+        """log p(x|z_i), log p(z_i), log q(z_i|x) for z_1..z_k ~ q(z|x): a dict of (k, B) tensors.
+        encoding: `encode(x)` if already computed."""
+        qz_x = self.encode(x) if encoding is None else encoding
+        z = qz_x.rsample((k,))  # (k, B, D)
+        px_z = observe(self, z, eval_pmf)  # batch shape (k, B); x (B, C, H, W) broadcasts, no copies over k
+        return {"log_px_z": px_z.log_prob(x), "log_pz": standard_normal(z.shape[-1], x.device).log_prob(z),
+                "log_qz_x": qz_x.log_prob(z)}
+
+    def reconstruct(self, x, eval_pmf=False):
+        """p(x|z) with z ~ q(z|x), one z per image."""
+        return observe(self, self.encode(x).sample(), eval_pmf)
+
+    def generate(self, n, eval_pmf=False):
+        """p(x|z) with z ~ p(z), n of them."""
+        return observe(self, standard_normal(self.latent_dim, self.device()).sample((n,)), eval_pmf)
+
+    def device(self):
+        return next(self.parameters()).device
+
+
+def log_weights(model, x, k, eval_pmf=False, encoding=None):
+    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k (summed over the layers
+    of z for a model with several).
+
+    eval_pmf: score x with the probability of its 8-bit values (see `observe`). encoding: `model.encode(x)`,
+    if already computed. Returns the parts and log_w, each a (k, B) tensor.
+    """
+    parts = model.log_weight_parts(x, k, eval_pmf, encoding)
+    return {"log_w": parts["log_px_z"] + parts["log_pz"] - parts["log_qz_x"], **parts}
 
 
 def iwae_bound(model, x, k, eval_pmf=False):
@@ -415,24 +516,33 @@ def iwae_bound(model, x, k, eval_pmf=False):
     return {"bound": bound, "rate": (lw["log_qz_x"] - lw["log_pz"]).mean(0), "distortion": -lw["log_px_z"].mean(0)}
 
 
+def _log_w_logsumexp(model, x, k, eval_pmf, encoding):
+    """log sum_i w_i over k samples, per image (B,): the estimator's unit of work (compiled as one graph)."""
+    return torch.logsumexp(log_weights(model, x, k, eval_pmf, encoding)["log_w"], dim=0)
+
+
 @torch.no_grad()
-def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pmf=False, progress=True):
+def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pmf=False, progress=True,
+                            compile=False):
     """log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s|x) with S importance samples (Burda et al. 2015, sec. 5).
 
     Batched over images and chunked over samples, so that at most `max_rows` (sample, image) pairs
-    go through the decoder at once; chunks are combined with log-sum-exp in float64.
+    go through the decoder at once (sized for the cache, not for memory: see bench.py); each image is
+    encoded once, and the chunks are combined with log-sum-exp in float64.
     x: (N, C, H, W) on the model's device. Returns per-image estimates (N,) in nats (float64, CPU).
     """
     model.eval()
     chunk = min(num_samples, max_rows)
     images_per_batch = max(1, max_rows // chunk)
+    lse_fn = compiled(_log_w_logsumexp, compile, "evaluation")
     out = []
-    bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False,
+               dynamic_ncols=True)
     for xb in x.split(images_per_batch):
+        encoding = model.encode(xb)
         lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
         for start in range(0, num_samples, chunk):
-            log_w = log_weights(model, xb, min(chunk, num_samples - start), eval_pmf)["log_w"]
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w.double(), dim=0))
+            lse = torch.logaddexp(lse, lse_fn(model, xb, min(chunk, num_samples - start), eval_pmf, encoding).double())
         out.append((lse - math.log(num_samples)).cpu())
         bar.update(len(xb))
     bar.close()
@@ -468,7 +578,21 @@ def constant_lr(step, total_steps, base_lr=1e-3):
     return base_lr
 
 
-SCHEDULES = {"iwae": iwae_lr, "constant": constant_lr}
+HOLD_FRACTION = 0.5  # hold-decay: base_lr for the first half of the steps ...
+FINAL_LR_FACTOR = 0.1  # ... then a geometric decay to base_lr / 10 at the last step
+
+
+def hold_decay_lr(step, total_steps, base_lr=1e-3):
+    """base_lr for the first half of training, then geometric decay to base_lr/10: the same shape at any
+    --epochs, so that a short run does not spend most of its steps at the final rate (as the paper's schedule,
+    compressed, does: two thirds of its steps are at 1e-4)."""
+    f = step / max(total_steps, 1)
+    if f < HOLD_FRACTION:
+        return base_lr
+    return base_lr * FINAL_LR_FACTOR ** ((f - HOLD_FRACTION) / (1 - HOLD_FRACTION))
+
+
+SCHEDULES = {"iwae": iwae_lr, "constant": constant_lr, "hold-decay": hold_decay_lr}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,6 +607,8 @@ class TrainState:
     train_seconds: float = 0.0
     skipped_steps: int = 0
     history: list = field(default_factory=list)  # (step, epoch, mean training bound over the interval)
+    test_curve: list = field(default_factory=list)  # after each epoch: (epoch, step, test ELBO, rate, distortion)
+    segments: list = field(default_factory=list)  # one dict per sitting: start, end, steps, seconds, hardware
 
 
 def save_checkpoint(path, model, optimizer, state, config):
@@ -538,15 +664,24 @@ class Diverged(UserError):
     pass
 
 
+def _segment_now():
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
           max_steps=None, skip_grad_norm=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
-          log_every=100, progress=True):
-    """Maximise the IWAE bound with Adam, batch by batch, until `epochs` epochs or `max_steps` steps.
+          time_limit_minutes=None, epoch_end=None, compile=False, compile_mode=None, channels_last=False,
+          hardware="", log_every=100, progress=True):
+    """Maximise the IWAE bound with Adam, batch by batch, until `epochs` epochs or `max_steps` steps, or
+    until `time_limit_minutes` of this sitting have passed (then the checkpoint is written and the caller
+    sees state.step short of the end).
 
     The training set stays one tensor on the model's device (no DataLoader). A step whose loss or
     gradient norm is not finite, or whose gradient norm exceeds `skip_grad_norm`, is skipped and counted;
     `max_skips_in_a_row` skips in a row stop the run. Checkpoints: every `checkpoint_minutes`, at the
-    end, and on Ctrl-C; `state` resumes exactly (the epoch's order, the position in it, the RNG).
+    end, at the time limit and on Ctrl-C; `state` resumes exactly (the epoch's order, the position in it,
+    the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple goes into state.test_curve.
+    Each sitting is recorded in state.segments.
     """
     device = next(model.parameters()).device
     train_x = data.train.to(device)
@@ -555,20 +690,33 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     total_steps = epochs * steps_per_epoch
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     skips_in_a_row, running, last_save = 0, [], time.time()
+    loss_fn = compiled(lambda x: -iwae_bound(model, x, k)["bound"].mean(), compile, "training", compile_mode)
+    segment = {"start": _segment_now(), "end": None, "first_step": state.step, "last_step": state.step,
+               "seconds": 0.0, "hardware": hardware}
+    state.segments.append(segment)
     bar = tqdm(total=last_step, initial=min(state.step, last_step), desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     model.train()
-    t0 = time.time() - state.train_seconds
+    t_start = time.time()
+    t0 = t_start - state.train_seconds
+    deadline = math.inf if time_limit_minutes is None else t_start + 60 * time_limit_minutes
+
+    def checkpoint():
+        now = time.time()
+        state.train_seconds = now - t0
+        segment.update(end=_segment_now(), last_step=state.step, seconds=round(now - t_start, 1))
+        save_checkpoint(ckpt_path, model, optimizer, state, config)
+
     try:
-        while state.step < last_step:
+        while state.step < last_step and time.time() < deadline:
             if state.perm is None:
                 state.perm, state.pos = torch.randperm(n), 0
             idx = state.perm[state.pos:state.pos + batch_size].to(device)
-            x = data.train_batch(train_x[idx])
+            x = to_device(data.train_batch(train_x[idx]), device, channels_last)
             lr = lr_at(state.step, total_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = -iwae_bound(model, x, k)["bound"].mean()
+            loss = loss_fn(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
@@ -588,25 +736,28 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
             state.pos += batch_size
             if state.pos >= n:
                 state.epoch, state.perm = state.epoch + 1, None
+                if epoch_end is not None:
+                    state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
+                    model.train()
             if running and (state.step % log_every == 0 or state.step == last_step):
                 state.history.append((state.step, state.epoch, sum(running) / len(running)))
-                bar.set_postfix(bound=f"{state.history[-1][2]:.2f}", lr=f"{lr:.1e}", epoch=state.epoch,
-                                skipped=state.skipped_steps)
+                postfix = {"bound": f"{state.history[-1][2]:.2f}", "lr": f"{lr:.1e}", "epoch": state.epoch,
+                           "skipped": state.skipped_steps}
+                if state.test_curve:
+                    postfix["test_elbo"] = f"{state.test_curve[-1][2]:.2f}"
+                bar.set_postfix(postfix)
                 running = []
             bar.update(1)
             if time.time() - last_save > 60 * checkpoint_minutes:
-                state.train_seconds = time.time() - t0
-                save_checkpoint(ckpt_path, model, optimizer, state, config)
+                checkpoint()
                 last_save = time.time()
     except KeyboardInterrupt:
-        state.train_seconds = time.time() - t0
-        save_checkpoint(ckpt_path, model, optimizer, state, config)
+        checkpoint()
         bar.close()
         raise UserError(f"Interrupted at step {state.step}; saved {ckpt_path}. Continue with the same command "
                         f"and --resume.") from None
     bar.close()
-    state.train_seconds = time.time() - t0
-    save_checkpoint(ckpt_path, model, optimizer, state, config)
+    checkpoint()
     return state
 
 
@@ -627,8 +778,8 @@ def save_grids(model, x, out_dir, name, eval_pmf, nrow=8):
     _samples_var.png: x ~ p(x|z) for the same z. Returns how the means were computed."""
     from torchvision.utils import save_image
     model.eval()
-    recs, how = observation_mean(observe(model, model.encode(x).sample(), eval_pmf))
-    px_z = observe(model, standard_normal(model.latent_dim, x.device).sample((len(x),)), eval_pmf)
+    recs, how = observation_mean(model.reconstruct(x, eval_pmf))
+    px_z = model.generate(len(x), eval_pmf)
     samples, _ = observation_mean(px_z)
     for suffix, images in [("imgs", x), ("recs", recs), ("samples", samples), ("samples_var", px_z.sample())]:
         save_image(images.clamp(0, 1).cpu(), os.path.join(out_dir, f"{name}_{suffix}.png"), nrow=nrow, padding=1)
@@ -669,7 +820,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
-def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip_grad_norm=math.inf):
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval_samples=5000,
+                skip_grad_norm=math.inf):
     """The flags every modelNN.py keeps; the script adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     p.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
@@ -677,19 +839,37 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip
     p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs (the schedule is spread over them)")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in all (smoke runs); the schedule still spans --epochs")
+    p.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                   help="stop training cleanly after this many minutes of this sitting, write the checkpoint and "
+                        "print the command that resumes it (for wall-time limits)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per optimizer step")
     p.add_argument("--k", type=positive_int, default=k, help="importance samples in the training bound (1 = ELBO)")
     p.add_argument("--lr", type=float, default=lr, help="base learning rate of Adam")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=schedule, help="learning-rate schedule")
-    p.add_argument("--eval-samples", type=positive_int, default=5000, help="importance samples S for the test log-likelihood")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=schedule,
+                   help="learning-rate schedule: constant; hold-decay (the base rate for the first half, then a "
+                        "geometric decay to a tenth); iwae (Burda et al.'s 8 stages, compressed into --epochs)")
+    p.add_argument("--eval-samples", type=positive_int, default=eval_samples,
+                   help="importance samples S for the test log-likelihood")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--eval-max-rows", type=positive_int, default=eval_max_rows,
-                   help="(sample, image) pairs per decoder pass in evaluation; lower it if memory runs out")
+                   help="(sample, image) pairs per decoder pass in evaluation (sized for the cache; see bench.py)")
+    p.add_argument("--curve-images", type=int, default=1000,
+                   help="after every epoch, the test ELBO (k=1) on the first N test images goes into the results "
+                        "(0 = off)")
     p.add_argument("--skip-grad-norm", type=float, default=skip_grad_norm,
                    help="skip (and count) a step whose gradient norm exceeds this, as well as any non-finite step")
     p.add_argument("--max-skips", type=positive_int, default=100, help="stop the run after this many skipped steps in a row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default: one per physical core)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the training step and the evaluation's log-weights (same numbers, faster; "
+                        "falls back to eager with a warning where compilation is unavailable)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the networks only; likelihoods and log-weights stay float32 "
+                        "(default: on for CUDA, off for CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the convolutions (default: on for CUDA, off for CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir (or --checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint")
@@ -701,24 +881,40 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, skip
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit", "eval_max_rows", "device",
-                     "threads", "resume", "overwrite", "eval_only", "checkpoint", "checkpoint_minutes", "no_download"}
+RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit",
+                     "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
+                     "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last"}
+
+
+@torch.no_grad()
+def heldout_elbo(model, x, eval_pmf, batch_size=500):
+    """Mean ELBO (k = 1) over x, and its rate and distortion, in nats per image: the per-epoch curve."""
+    model.eval()
+    parts = [iwae_bound(model, xb, 1, eval_pmf) for xb in x.split(batch_size)]
+    return tuple(torch.cat([p[key] for p in parts]).mean().item() for key in ("bound", "rate", "distortion"))
+
+
+def resume_command(script, argv):
+    argv = [a for a in argv if a != "--overwrite"]
+    return "python " + " ".join([script, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, report_bpd, adam_eps=1e-8):
     """Seed, build the model, train (or resume, or only load), evaluate log p(x) on the test set, write grids
-    and results. Returns the results dict."""
+    and results. Returns the results dict, or None when --time-limit stopped training before its end."""
     if args.resume and args.eval_only:
         raise UserError("--resume and --eval-only do not go together: --resume continues training, --eval-only "
                         "evaluates a finished checkpoint. Pass one of them.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     seed_everything(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
     config = {"model": name, "dataset": data.name, **vars(args)}
-    model = build_model().to(device)
+    model = configure_device(build_model().to(device), device, amp, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, eps=adam_eps, foreach=True)
 
     if args.eval_only or args.resume:
@@ -741,40 +937,56 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                             f"--overwrite to start afresh (it is replaced), or another --out-dir.")
         state, train_config = TrainState(), config
     steps_per_epoch = math.ceil(len(data.train) / train_config["batch_size"])
+    planned_steps = train_config["epochs"] * steps_per_epoch
+    x_test = data.test[:args.eval_limit] if args.eval_limit else data.test
+    x_test = to_device(data.test_batch(x_test), device, channels_last)
+    hardware = hardware_name(device)
 
     if not args.eval_only:
+        curve_x = to_device(data.test_batch(data.test[:args.curve_images]), device, channels_last)
+        epoch_end = (lambda m: heldout_elbo(m, curve_x, eval_pmf)) if args.curve_images > 0 else None
         state = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
-                         lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
-                         config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
-                         max_skips_in_a_row=args.max_skips,
-                         checkpoint_minutes=args.checkpoint_minutes)
+                      lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
+                      config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
+                      max_skips_in_a_row=args.max_skips, checkpoint_minutes=args.checkpoint_minutes,
+                      time_limit_minutes=args.time_limit, epoch_end=epoch_end, compile=args.compile,
+                      compile_mode="reduce-overhead" if device.type == "cuda" else None,
+                      channels_last=channels_last, hardware=hardware)
+        if state.step < min(planned_steps, args.max_steps or planned_steps):
+            print(f"{name}: stopped at the time limit after step {state.step} of {planned_steps} (epoch "
+                  f"{state.epoch}); saved {ckpt_path}. Resume with:\n  {resume_command(script, argv)}")
+            return None
 
-    x_test = data.test[:args.eval_limit] if args.eval_limit else data.test
-    x_test = data.test_batch(x_test.to(device))
     t0 = time.time()
-    llh = estimate_log_likelihood(model, x_test, args.eval_samples, args.eval_max_rows, eval_pmf)
+    llh = estimate_log_likelihood(model, x_test, args.eval_samples, args.eval_max_rows, eval_pmf,
+                                  compile=args.compile)
     eval_seconds = time.time() - t0
     llh_nats, llh_stderr = mean_and_stderr(llh)
     mean_how = save_grids(model, x_test[:64], args.out_dir, name, eval_pmf)
     plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
 
-    planned_steps = train_config["epochs"] * steps_per_epoch
     results = {
         "model": name, "dataset": data.name, "test_llh_nats": llh_nats, "test_llh_stderr": llh_stderr,
         "eval_samples": args.eval_samples, "eval_images": len(x_test), "eval_seconds": round(eval_seconds, 1),
+        "eval_hardware": hardware, "eval_compiled": args.compile,
         "k": train_config["k"], "epochs": train_config["epochs"], "epochs_completed": state.epoch,
         "steps": state.step, "planned_steps": planned_steps, "shortened": state.step < planned_steps,
         "batch_size": train_config["batch_size"], "lr": train_config["lr"], "schedule": train_config["schedule"],
         "seed": train_config["seed"], "skipped_steps": state.skipped_steps,
         "train_seconds": round(state.train_seconds, 1), "train_device": train_config["device"],
-        "device": str(device), "hardware": hardware_name(device), "torch_version": torch.__version__,
+        "train_segments": state.segments, "test_curve_images": train_config.get("curve_images", 0),
+        "test_curve": [dict(zip(("epoch", "step", "elbo_nats", "rate_nats", "distortion_nats"), row))
+                       for row in state.test_curve],
+        "device": str(device), "hardware": hardware, "torch_version": torch.__version__,
         "command": "python " + " ".join([script, *argv]), "eval_only": args.eval_only,
-        "samples_mean": mean_how, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "samples_mean": mean_how, "finished": _segment_now(),
     }
     if report_bpd:
         num_dims = x_test[0].numel()
         results["test_bpd"] = bits_per_dim(llh_nats, num_dims)
         results["test_bpd_stderr"] = llh_stderr / (num_dims * math.log(2))
+        for row in results["test_curve"]:
+            row["elbo_bpd"] = bits_per_dim(row["elbo_nats"], num_dims)
     path = os.path.join(args.out_dir, f"{name}_results.json")
     with open(f"{path}.tmp", "w") as f:
         json.dump(results, f, indent=2)

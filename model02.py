@@ -58,20 +58,19 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(conv_stack(channels, width), nn.Flatten(), nn.Linear(4 * width * 16, 2 * latent_dim))
 
     def forward(self, x):
-        mu, log_sigma = self.net(x).chunk(2, dim=-1)  # (B, D) each
-        return common.diagonal_gaussian(mu, log_sigma)
+        return self.net(x).chunk(2, dim=-1)  # mu, log_sigma: (B, D) each
 
 
 class Decoder(nn.Module):
-    def __init__(self, observation, channels=3, width=CHANNELS, latent_dim=LATENT_DIM):
+    def __init__(self, num_params, width=CHANNELS, latent_dim=LATENT_DIM):
         super().__init__()
-        self.observation, self.width = observation, width
+        self.width = width
         self.fc = nn.Sequential(nn.Linear(latent_dim, 4 * width * 16), nn.SiLU())
-        self.net = deconv_stack(width, observation.num_params(channels))
+        self.net = deconv_stack(width, num_params)
 
     def forward(self, z):
-        h = self.fc(z).view(-1, 4 * self.width, 4, 4)
-        return self.observation(self.net(h))
+        out = self.net(self.fc(z).view(-1, 4 * self.width, 4, 4))  # (N, P, 32, 32), N = all of z's leading dims
+        return out.reshape(*z.shape[:-1], *out.shape[1:])  # (*, P, 32, 32)
 
 
 class GaussianObservation(nn.Module):
@@ -84,21 +83,19 @@ class GaussianObservation(nn.Module):
         return 2 * channels  # loc and a (log-)spread per channel
 
     def forward(self, out):
-        loc, raw_log_var = out.chunk(2, dim=1)  # (N, C, H, W) each
+        loc, raw_log_var = out.chunk(2, dim=-3)  # (*, C, H, W) each
         return common.Gaussian(loc, common.bound_log_var(raw_log_var, self.bounded), num_bins=self.num_bins)
 
 
-class VAE(nn.Module):
-    def __init__(self, observation, latent_dim=LATENT_DIM):
+class VAE(common.OneLayerVAE):
+    """q(z|x) = N(encoder(x)), p(z) = N(0, I), p(x|z) = observation(decoder(z)); the bound, the estimator
+    and the grids come from common.OneLayerVAE."""
+    def __init__(self, observation, channels=3, latent_dim=LATENT_DIM):
         super().__init__()
         self.latent_dim = latent_dim
-        self.encoder, self.decoder = Encoder(latent_dim=latent_dim), Decoder(observation, latent_dim=latent_dim)
-
-    def encode(self, x):
-        return self.encoder(x)
-
-    def decode(self, z):
-        return self.decoder(z)
+        self.encoder = Encoder(channels, latent_dim=latent_dim)
+        self.decoder = Decoder(observation.num_params(channels), latent_dim=latent_dim)
+        self.observation = observation
 
 
 def run(argv):

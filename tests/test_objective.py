@@ -9,7 +9,7 @@ from torch.distributions import Independent, Normal, MultivariateNormal, kl_dive
 import common
 
 
-class LinearGaussian(nn.Module):
+class LinearGaussian(common.OneLayerVAE):
     """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I): p(x) = N(b, W W^T + s^2 I) in closed form.
     q(z|x) is the exact posterior with its mean shifted and its scale widened, so the weights vary."""
 
@@ -29,7 +29,7 @@ class LinearGaussian(nn.Module):
         return Independent(Normal(mu + 0.3, 1.3 * cov.diagonal().sqrt().expand_as(mu)), 1)
 
     def decode(self, z):
-        loc = (z @ self.W.T + self.b).view(-1, 1, 1, self.W.shape[0])
+        loc = (z @ self.W.T + self.b).view(*z.shape[:-1], 1, 1, self.W.shape[0])
         return Independent(Normal(loc, self.s), 3)
 
     def exact_log_px(self, x):
