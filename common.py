@@ -268,6 +268,10 @@ class Gaussian(Distribution):
     def discretized(self):
         return DiscretizedGaussian(self.loc, self.log_var, self.num_bins)
 
+    def mean_log_scale(self):
+        """The average log-std over pixels and batch."""
+        return 0.5 * self.log_var.mean()
+
 
 class DiscretizedGaussian(Distribution):
     """N(loc, e^log_var) discretised to num_bins bins on [0, 1]; the edge bins take the tails.
@@ -326,6 +330,10 @@ class DiscretizedGaussian(Distribution):
     def discretized(self):
         return self
 
+    def mean_log_scale(self):
+        """The average log-std over pixels and batch."""
+        return 0.5 * self.log_var.mean()
+
 
 class DiscretizedLogistic(Distribution):
     """Logistic(loc, e^log_scale) discretised to num_bins bins on [0, 1]; edge bins take the tails.
@@ -355,6 +363,10 @@ class DiscretizedLogistic(Distribution):
 
     def discretized(self):
         return self
+
+    def mean_log_scale(self):
+        """The average log-scale s over pixels and batch."""
+        return self.log_scale.mean()
 
 
 class DiscretizedLogisticMixture(Distribution):
@@ -429,6 +441,11 @@ class DiscretizedLogisticMixture(Distribution):
     def discretized(self):
         return self
 
+    def mean_log_scale(self):
+        """The average over pixels and batch of the mixture-weighted log-scale, sum_k pi_k log s_k."""
+        pi = F.softmax(self.logits, -3).unsqueeze(-3)  # (*batch, K, 1, H, W)
+        return (pi * self.log_scale).sum(-4).mean()
+
 
 def monte_carlo_mean(px_z, n=100):
     """Approximate mean: the average of n draws of px_z.sample() (standard error ~ std / sqrt(n))."""
@@ -489,6 +506,10 @@ class OneLayerVAE(nn.Module):
     def generate(self, n, eval_pmf=False):
         """p(x|z) with z ~ p(z), n of them."""
         return observe(self, standard_normal(self.latent_dim, self.device()).sample((n,)), eval_pmf)
+
+    def posterior_means(self, x):
+        """E_q[z|x] for each stochastic layer (here one): a list of (B, D) tensors, to count active units."""
+        return [self.encode(x).mean]
 
     def device(self):
         return next(self.parameters()).device
@@ -668,6 +689,24 @@ def _segment_now():
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def training_loss(model, k):
+    """The function of a batch that training minimises: minus the mean IWAE bound (k = 1: the ELBO)."""
+    return lambda x: -iwae_bound(model, x, k)["bound"].mean()
+
+
+def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
+    """One Adam step on loss_fn(x), unless the loss or the gradient norm is not finite or the norm exceeds
+    skip_grad_norm. Returns the loss, the gradient norm and whether the step was taken."""
+    loss = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    stepped = bool(torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm <= skip_grad_norm)
+    if stepped:
+        optimizer.step()
+    return loss, grad_norm, stepped
+
+
 def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
           max_steps=None, skip_grad_norm=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
           time_limit_minutes=None, epoch_end=None, compile=False, compile_mode=None, channels_last=False,
@@ -690,7 +729,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     total_steps = epochs * steps_per_epoch
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     skips_in_a_row, running, last_save = 0, [], time.time()
-    loss_fn = compiled(lambda x: -iwae_bound(model, x, k)["bound"].mean(), compile, "training", compile_mode)
+    loss_fn = compiled(training_loss(model, k), compile, "training", compile_mode)
     segment = {"start": _segment_now(), "end": None, "first_step": state.step, "last_step": state.step,
                "seconds": 0.0, "hardware": hardware}
     state.segments.append(segment)
@@ -716,12 +755,8 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
             lr = lr_at(state.step, total_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-            if torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm <= skip_grad_norm:
-                optimizer.step()
+            loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, skip_grad_norm)
+            if stepped:
                 skips_in_a_row = 0
                 running.append(-loss.item())
             else:
@@ -803,6 +838,35 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
+def plot_colour_curves(results_paths, path):
+    """One figure with every colour run's per-epoch test ELBO (bits/dim on the fixed test subset). Returns
+    the number of curves drawn (none: no figure)."""
+    runs = []
+    for p in sorted(results_paths):
+        with open(p) as f:
+            r = json.load(f)
+        if r.get("test_curve") and "elbo_bpd" in r["test_curve"][0]:
+            runs.append(r)
+    if not runs:
+        return 0
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([row["epoch"] for row in r["test_curve"]], [row["elbo_bpd"] for row in r["test_curve"]],
+                marker=".", lw=1, label=r["model"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test ELBO, bits/dim (first {runs[0].get('test_curve_images')} test images)")
+    ax.set_title(f"colour models on {runs[0]['dataset']} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(runs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command-line contract and the experiment every script runs
 # ---------------------------------------------------------------------------------------------------
@@ -853,6 +917,10 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
     p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--eval-max-rows", type=positive_int, default=eval_max_rows,
                    help="(sample, image) pairs per decoder pass in evaluation (sized for the cache; see bench.py)")
+    p.add_argument("--s-sweep", type=positive_int, nargs="+", default=None, metavar="S",
+                   help="also estimate log p(x) with each of these numbers of importance samples on the first "
+                        "--s-sweep-images test images (how the estimate moves with S)")
+    p.add_argument("--s-sweep-images", type=positive_int, default=1000, help="test images for --s-sweep")
     p.add_argument("--curve-images", type=int, default=1000,
                    help="after every epoch, the test ELBO (k=1) on the first N test images goes into the results "
                         "(0 = off)")
@@ -883,7 +951,8 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
 # flags that may change between a run and its --resume without changing the run
 RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit",
                      "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
-                     "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last"}
+                     "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last",
+                     "s_sweep", "s_sweep_images"}
 
 
 @torch.no_grad()
@@ -892,6 +961,35 @@ def heldout_elbo(model, x, eval_pmf, batch_size=500):
     model.eval()
     parts = [iwae_bound(model, xb, 1, eval_pmf) for xb in x.split(batch_size)]
     return tuple(torch.cat([p[key] for p in parts]).mean().item() for key in ("bound", "rate", "distortion"))
+
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015, sec. 5.2: unit u is active if Cov_x(E_q[z_u|x]) > 0.01
+
+
+@torch.no_grad()
+def balance_stats(model, x, eval_pmf, batch_size=500):
+    """What the story's explanation is about, on x (nats per image): the ELBO (k = 1) split into the rate
+    KL(q(z|x) || p(z)) (one sample, in all and per stochastic layer, bottom first) and the distortion
+    -E log p(x|z); the mean log-scale (log-std for a Gaussian) that p(x|z) predicts for z ~ q(z|x); and the
+    active units per layer (ACTIVE_UNIT_THRESHOLD)."""
+    model.eval()
+    rate, rate_layers, distortion, spread, means = [], [], [], [], []
+    for xb in x.split(batch_size):
+        parts = model.log_weight_parts(xb, 1, eval_pmf)
+        rate.append((parts["log_qz_x"] - parts["log_pz"])[0])  # (B,)
+        rate_layers.append(parts.get("rate_layers", rate[-1][None, :, None])[0])  # (B, L)
+        distortion.append(-parts["log_px_z"][0])
+        px_z = model.reconstruct(xb, eval_pmf)
+        spread.append(px_z.mean_log_scale().item() * len(xb) if hasattr(px_z, "mean_log_scale") else math.nan)
+        means.append(model.posterior_means(xb))
+    rate, distortion = torch.cat(rate).double(), torch.cat(distortion).double()
+    layer_means = [torch.cat(layer).flatten(1) for layer in zip(*means)]  # per layer: (N, D_i)
+    return {"elbo_nats": -(rate + distortion).mean().item(), "rate_nats": rate.mean().item(),
+            "distortion_nats": distortion.mean().item(),
+            "rate_per_layer_nats": torch.cat(rate_layers).double().mean(0).tolist(),
+            "mean_log_scale": sum(spread) / len(x),
+            "active_units": [int((m.var(0) > ACTIVE_UNIT_THRESHOLD).sum()) for m in layer_means],
+            "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}
 
 
 def resume_command(script, argv):
@@ -962,6 +1060,15 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                                   compile=args.compile)
     eval_seconds = time.time() - t0
     llh_nats, llh_stderr = mean_and_stderr(llh)
+    balance = balance_stats(model, x_test, eval_pmf)
+    s_sweep = []
+    for s in args.s_sweep or []:
+        sweep_x = to_device(data.test_batch(data.test[:args.s_sweep_images]), device, channels_last)
+        t_s = time.time()
+        nats, stderr = mean_and_stderr(estimate_log_likelihood(model, sweep_x, s, args.eval_max_rows, eval_pmf,
+                                                               compile=args.compile))
+        s_sweep.append({"S": s, "images": len(sweep_x), "llh_nats": nats, "stderr": stderr,
+                        "seconds": round(time.time() - t_s, 1)})
     mean_how = save_grids(model, x_test[:64], args.out_dir, name, eval_pmf)
     plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
 
@@ -977,6 +1084,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         "train_segments": state.segments, "test_curve_images": train_config.get("curve_images", 0),
         "test_curve": [dict(zip(("epoch", "step", "elbo_nats", "rate_nats", "distortion_nats"), row))
                        for row in state.test_curve],
+        "test_balance": balance, "s_sweep": s_sweep,
         "device": str(device), "hardware": hardware, "torch_version": torch.__version__,
         "command": "python " + " ".join([script, *argv]), "eval_only": args.eval_only,
         "samples_mean": mean_how, "finished": _segment_now(),
@@ -985,12 +1093,16 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         num_dims = x_test[0].numel()
         results["test_bpd"] = bits_per_dim(llh_nats, num_dims)
         results["test_bpd_stderr"] = llh_stderr / (num_dims * math.log(2))
-        for row in results["test_curve"]:
-            row["elbo_bpd"] = bits_per_dim(row["elbo_nats"], num_dims)
+        for row in results["test_curve"] + results["s_sweep"]:
+            nats = row["elbo_nats"] if "elbo_nats" in row else row["llh_nats"]
+            row["elbo_bpd" if "elbo_nats" in row else "bpd"] = bits_per_dim(nats, num_dims)
     path = os.path.join(args.out_dir, f"{name}_results.json")
     with open(f"{path}.tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(f"{path}.tmp", path)
+    if report_bpd:
+        plot_colour_curves([os.path.join(args.out_dir, f) for f in os.listdir(args.out_dir)
+                            if f.endswith("_results.json")], os.path.join(args.out_dir, "colour_curves.png"))
     summary = (f"{name}: test log p(x) = {llh_nats:.2f} +- {llh_stderr:.2f} nats"
                + (f" = {results['test_bpd']:.3f} bits/dim" if report_bpd else "")
                + f" (S={args.eval_samples}, {len(x_test)} test images); wrote {path}")

@@ -45,10 +45,14 @@ class ImageData:
     train: torch.Tensor  # uint8 (N, C, H, W)
     test: torch.Tensor  # uint8, or float {0, 1} for binarized MNIST's fixed test set
     binarize_train: bool = False  # draw a fresh binarization for every training batch
+    dequantize_train: bool = False  # add uniform noise over each value's bin to every training batch
 
     def train_batch(self, x):
-        """A batch of `train` as the model sees it: floats in [0, 1], binarized afresh if dynamic."""
+        """A batch of `train` as the model sees it: floats in [0, 1], binarized afresh if dynamic, or
+        dequantized afresh (then in [-1/510, 1 + 1/510])."""
         x = to_unit(x) if x.dtype == torch.uint8 else x
+        if self.dequantize_train:
+            return dequantize(x)
         return binarize(x) if self.binarize_train else x
 
     def train_mean(self):
@@ -62,6 +66,14 @@ class ImageData:
 def to_unit(x_uint8):
     """uint8 pixels k -> float k/255 in [0, 1]."""
     return x_uint8.float() / (NUM_BINS - 1)
+
+
+def dequantize(x):
+    """Uniform dequantization (Theis et al. 2016): k/255 -> (k + u - 1/2)/255, u ~ U(0, 1), uniform over the
+    bin [k/255 - 1/510, k/255 + 1/510) that the discretized likelihoods give to value k (the issue's x + u/256
+    moves every value by up to half a bin relative to those bins). A density p trained on these values bounds
+    the discrete log-likelihood: log P(k) >= E_u log p((k + u - 1/2)/255) - log 255 per sub-pixel."""
+    return x + (torch.rand_like(x) - 0.5) / (NUM_BINS - 1)
 
 
 def binarize(x, generator=None):

@@ -32,6 +32,8 @@ BATCH_SIZE = 100  # the paper: 20
 SCHEDULE = "hold-decay"  # the paper: "iwae"
 K = 5
 ADAM_EPS = 1e-4  # the paper's Adam: beta1 = 0.9, beta2 = 0.999, eps = 1e-4
+EVAL_SAMPLES = 5000  # importance samples S for the test log-likelihood (the paper's)
+EVAL_MAX_ROWS = 50_000  # (sample, image) pairs per decoder pass in evaluation
 
 
 def mlp(sizes):
@@ -81,23 +83,28 @@ class VAE(common.OneLayerVAE):
         self.decoder.net[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
 
 
+def parser():
+    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=1e-3, schedule=SCHEDULE,
+                           eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES)
+    p.add_argument("--binarization", choices=["dynamic", "static"], default="dynamic",
+                   help="dynamic: a fresh binarization of every training batch (the paper); static: one fixed "
+                        "binarization of the training set (not comparable with the paper's numbers)")
+    return p
+
+
+def build_model(args, train_mean=None):
+    model = VAE()
+    if train_mean is not None:
+        model.init_output_bias(train_mean)
+    return model
+
+
 def run(argv):
-    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=1e-3, schedule=SCHEDULE,
-                                eval_max_rows=50_000)
-    parser.add_argument("--binarization", choices=["dynamic", "static"], default="dynamic",
-                        help="dynamic: a fresh binarization of every training batch (the paper); static: one fixed "
-                             "binarization of the training set (not comparable with the paper's numbers)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     mnist = data.load_mnist(args.data_dir, args.binarization, download=not args.no_download)
-
-    def build_model():
-        model = VAE()
-        model.init_output_bias(mnist.train_mean())
-        return model
-
-    return common.run_experiment(args, argv, script="model01.py",
-                                 name="model01", build_model=build_model, data=mnist, eval_pmf=False,
-                                 report_bpd=False, adam_eps=ADAM_EPS)
+    return common.run_experiment(args, argv, script="model01.py", name="model01",
+                                 build_model=lambda: build_model(args, mnist.train_mean()), data=mnist,
+                                 eval_pmf=False, report_bpd=False, adam_eps=ADAM_EPS)
 
 
 def main(argv=None):

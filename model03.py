@@ -30,6 +30,8 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
+EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: why 100)
+EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 LOG_LOGISTIC_VAR_FACTOR = math.log(math.pi ** 2 / 3)  # variance of a logistic = s^2 pi^2 / 3
 
 
@@ -101,18 +103,26 @@ class VAE(common.OneLayerVAE):
         self.observation = observation
 
 
+def parser():
+    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+                           eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
+                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+    p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
+    p.add_argument("--unbounded", action="store_true",
+                   help="no bound on the variance: the log-scale is the decoder's raw output")
+    return p
+
+
+def build_model(args):
+    return VAE(LogisticObservation(bounded=not args.unbounded))
+
+
 def run(argv):
-    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
-                                eval_max_rows=1000, skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
-    parser.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
-    parser.add_argument("--unbounded", action="store_true",
-                        help="no bound on the variance: the log-scale is the decoder's raw output")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
     name = "model03_unbounded" if args.unbounded else "model03"
-    return common.run_experiment(args, argv, script="model03.py",
-                                 name=name, data=images, eval_pmf=True, report_bpd=True,
-                                 build_model=lambda: VAE(LogisticObservation(bounded=not args.unbounded)))
+    return common.run_experiment(args, argv, script="model03.py", name=name, data=images, eval_pmf=True,
+                                 report_bpd=True, build_model=lambda: build_model(args))
 
 
 def main(argv=None):

@@ -28,6 +28,8 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
+EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: why 100)
+EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 NUM_COMPONENTS = 10  # mixture components per pixel (PixelCNN++ uses 5 to 10)
 LOG_SCALE_MIN = -7.0  # floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)
 
@@ -106,17 +108,26 @@ class VAE(common.OneLayerVAE):
         self.observation = observation
 
 
+def parser():
+    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+                           eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
+                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+    p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
+    p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
+                   help="mixture components per pixel")
+    return p
+
+
+def build_model(args):
+    return VAE(MixtureObservation(args.components))
+
+
 def run(argv):
-    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
-                                eval_max_rows=1000, skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
-    parser.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
-    parser.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
-                        help="mixture components per pixel")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
-    return common.run_experiment(args, argv, script="model04.py",
-                                 name="model04", data=images, eval_pmf=True, report_bpd=True,
-                                 build_model=lambda: VAE(MixtureObservation(args.components)))
+    name = "model04"
+    return common.run_experiment(args, argv, script="model04.py", name=name, data=images, eval_pmf=True,
+                                 report_bpd=True, build_model=lambda: build_model(args))
 
 
 def main(argv=None):
