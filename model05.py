@@ -1,0 +1,302 @@
+"""Chapter 5: several stochastic layers, a top-down hierarchy with bidirectional inference.
+
+What changed since model04: the latent variables. State-of-the-art VAEs (ladder VAE, BIVA, VDVAE, NVAE)
+pair the mixture of discretized logistics with many stochastic layers; is it the hierarchy that balances
+the observation model against the KL terms, so that samples from the prior become meaningful? Here one
+z becomes L layers z_1 (bottom) .. z_L (top), each a few maps at 4x4 or 8x8. Inference is bidirectional
+(Sonderby et al. 2016, ladder VAE; Kingma et al. 2016, IAF; Child 2021, VDVAE): a bottom-up pass over
+x, then top-down blocks that each form the prior p(z_i|z_>i) from the top-down state
+and the posterior q(z_i|z_>i, x) from that state and the bottom-up features of its resolution. The
+generative model and the inference network share the top-down pass. The decoder sees the top-down state
+after the last layer, which carries every z (as in VDVAE and NVAE), so p(x|z) is p(x|z_1..z_L).
+The observation model is model03's logistic (`--obs logistic`, its variance bound, `--unbounded`) or
+model04's mixture (`--obs mixture`, the default).
+
+    objective:  L_k(x) = E log (1/k) sum_j w_j,
+                log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
+
+Run:  python model05.py --data-dir ../shared/data                         (mixture, 3 layers)
+      python model05.py --data-dir ../shared/data --obs logistic --unbounded --layers 2 --dataset svhn
+                                              (close to the original vae-mdl's try: two layers, SVHN)
+It writes assets/model05_mixture_{imgs,recs,samples,samples_var,curve,layers}.png, model05_mixture_results.json
+and model05_mixture_checkpoint.pt (model05_logistic[_unbounded]_* with --obs logistic). model05_*_layers.png
+shows what each layer encodes: each row keeps one draw of the top layers from the prior and resamples the
+layers below it.
+"""
+import math
+
+import torch
+from torch import nn
+
+import common
+import data
+
+# config: the argparse defaults below (python model05.py --help)
+LAYERS = 3  # stochastic layers: the top half (rounded up) at 4x4, the rest at 8x8
+LATENT_CHANNELS = 8  # maps per stochastic layer: 128 units at 4x4, 512 at 8x8
+CHANNELS = 32  # width of the convolutional stacks (the top-down state has 4x this at 4x4, 2x at 8x8)
+EPOCHS = 50
+BATCH_SIZE = 64
+K = 1  # importance samples in training: the ELBO
+LR = 1e-3
+NUM_COMPONENTS = 10  # --obs mixture: components per pixel (PixelCNN++ uses 5 to 10)
+LOG_SCALE_MIN = -7.0  # --obs mixture: floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)
+LOG_LOGISTIC_VAR_FACTOR = math.log(math.pi ** 2 / 3)  # variance of a logistic = s^2 pi^2 / 3
+LATENT_LOG_SIGMA_BOUND = 5.0  # log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
+EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapters 2-4
+EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
+
+
+def head(channels_in, hidden, channels_out):
+    """SiLU, 3x3 convolution, SiLU, 1x1 convolution: the prior, posterior and residual branches of a
+    top-down block (VDVAE's bottleneck block, shallower)."""
+    return nn.Sequential(nn.SiLU(), nn.Conv2d(channels_in, hidden, 3, 1, 1),
+                         nn.SiLU(), nn.Conv2d(hidden, channels_out, 1))
+
+
+def soft_clamp(raw, bound=LATENT_LOG_SIGMA_BOUND):
+    """bound * tanh(raw / bound): the identity near 0, never past +-bound (NVAE's soft_clamp5, Vahdat & Kautz 2020)."""
+    return bound * torch.tanh(raw / bound)
+
+
+class Encoder(nn.Module):
+    """The bottom-up pass: model04's three stride-2 convolutions, keeping the features at 8x8 and 4x4.
+    Returns one feature map per top-down block, top block first."""
+
+    def __init__(self, channels, width, resolutions):
+        super().__init__()
+        self.resolutions = resolutions  # per block, top first: 4 or 8
+        self.to_8x8 = nn.Sequential(nn.Conv2d(channels, width, 4, 2, 1), nn.SiLU(),
+                                    nn.Conv2d(width, 2 * width, 4, 2, 1), nn.SiLU())
+        self.to_4x4 = nn.Sequential(nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.SiLU())
+
+    def forward(self, x):
+        f_8x8 = self.to_8x8(x)  # (B, 2W, 8, 8)
+        f_4x4 = self.to_4x4(f_8x8)  # (B, 4W, 4, 4)
+        return [f_4x4 if r == 4 else f_8x8 for r in self.resolutions]
+
+
+class TopDownBlock(nn.Module):
+    """One stochastic layer z_i: `latent_channels` maps at the resolution of the state h (VDVAE's DecBlock,
+    Child 2021). p(z_i|z_>i) = N(mu_p, sigma_p) from h; q(z_i|z_>i, x) = N(mu_p + dmu, sigma_p e^dlog_sigma)
+    from h and the bottom-up features, a shift of the prior (NVAE's residual normal distribution, Vahdat &
+    Kautz 2020; VDVAE forms q from the same inputs without the shift). Then z_i is projected into h, a
+    residual branch follows, and the last block at 4x4 upsamples h to 8x8 (`up`). z_i is flattened:
+    (N, latent_channels * H * W)."""
+
+    def __init__(self, width, feature_channels, latent_channels, up=None):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.prior_head = head(width, width // 2, 2 * latent_channels)
+        self.posterior_head = head(width + feature_channels, width // 2, 2 * latent_channels)
+        self.z_proj = nn.Conv2d(latent_channels, width, 1)
+        self.residual = head(width, width // 2, width)
+        self.up = up if up is not None else nn.Identity()
+        nn.init.zeros_(self.prior_head[-1].weight)  # every prior starts as N(0, I)
+        nn.init.zeros_(self.prior_head[-1].bias)
+
+    def prior_net(self, h):
+        return self.prior_head(h)  # (N, 2Z, H, W)
+
+    def posterior_net(self, h, feature):
+        return self.posterior_head(torch.cat([h, feature], dim=1))  # (N, 2Z, H, W)
+
+    def latent(self, prior_out, posterior_out=None):
+        """p(z_i|z_>i) and q(z_i|z_>i, x) (None without posterior_out), over the flattened maps."""
+        mu_p, raw_p = (t.flatten(1) for t in prior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+        log_sigma_p = soft_clamp(raw_p)
+        pz = common.diagonal_gaussian(mu_p, log_sigma_p)
+        if posterior_out is None:
+            return pz, None
+        dmu, raw_q = (t.flatten(1) for t in posterior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+        return pz, common.diagonal_gaussian(mu_p + dmu, log_sigma_p + soft_clamp(raw_q))
+
+    def update(self, h, z):
+        h = h + self.z_proj(z.reshape(len(z), self.latent_channels, *h.shape[-2:]))
+        return self.up(h + self.residual(h))
+
+
+class Decoder(nn.Module):
+    """The top-down state at 8x8 -> the observation model's raw parameters at 32x32: model04's last two
+    stride-2 transposed convolutions and its stride-1 convolution."""
+
+    def __init__(self, num_params, width=CHANNELS):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.SiLU(), nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.SiLU(), nn.ConvTranspose2d(width, width, 4, 2, 1),
+            nn.SiLU(), nn.Conv2d(width, num_params, 3, 1, 1),
+        )
+
+    def forward(self, h):
+        out = self.net(h.reshape(-1, *h.shape[-3:]))  # (N, P, 32, 32), N = all of h's leading dims
+        return out.reshape(*h.shape[:-3], *out.shape[1:])  # (*, P, 32, 32)
+
+
+class HierarchicalVAE(common.OneLayerVAE):
+    """A top-down hierarchy z_L -> ... -> z_1 -> x with bidirectional inference; the objective, the estimator
+    and the grids ask it what they ask common.OneLayerVAE. A subclass sets `encoder` (x -> one bottom-up
+    feature per block, top block first), `blocks` (top first; each has prior_net(h), posterior_net(h, feature),
+    latent(prior_out, posterior_out) -> (p, q or None) and update(h, z) -> h), `initial_state(n)`, `decoder`
+    (final state, any leading dims -> raw parameters of p(x|z)) and `observation`. `decode` is
+    OneLayerVAE's, applied to the final top-down state."""
+
+    def encode(self, x):
+        """The bottom-up pass: a list of features, one per block (top block first)."""
+        with self.autocast(x.device.type):
+            return self.encoder(x)
+
+    def top_down(self, n, features=None, z_top=()):
+        """The top-down pass over n rows. Each block forms p(z_i|z_>i) from the state and, given the bottom-up
+        features (n rows each), q(z_i|z_>i, x); z_i is drawn from q if there is one, else from p, except the
+        top len(z_top) layers, which are taken from z_top (top first). Returns the final state and, per layer
+        top first, (z_i, p(z_i|z_>i), q(z_i|z_>i, x) or None)."""
+        h = self.initial_state(n)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            with self.autocast(h.device.type):
+                prior_out = block.prior_net(h)
+                posterior_out = None if features is None else block.posterior_net(h, features[i])
+            pz, qz = block.latent(prior_out.float(), None if posterior_out is None else posterior_out.float())
+            z = z_top[i] if i < len(z_top) else (pz if qz is None else qz).rsample()  # (n, D_i)
+            with self.autocast(h.device.type):
+                h = block.update(h, z)
+            layers.append((z, pz, qz))
+        return h, layers
+
+    def log_weight_parts(self, x, k, eval_pmf=False, encoding=None):
+        """For k draws of z_L..z_1 ~ q per image: log p(x|z), log p(z) = sum_i log p(z_i|z_>i) and
+        log q(z|x) = sum_i log q(z_i|z_>i, x), each (k, B), and rate_layers (k, B, L): log q - log p per
+        layer, bottom layer z_1 first. encoding: `encode(x)` if already computed."""
+        features = self.encode(x) if encoding is None else encoding
+        features = [common.merge(f.expand(k, *f.shape)) for f in features]  # (k*B, ...): the k draws as rows
+        h, layers = self.top_down(k * len(x), features)
+        log_pz = torch.stack([pz.log_prob(z) for z, pz, _ in reversed(layers)], dim=-1)  # (k*B, L)
+        log_qz_x = torch.stack([qz.log_prob(z) for z, _, qz in reversed(layers)], dim=-1)  # (k*B, L)
+        px_z = common.observe(self, common.unmerge(h, k), eval_pmf)  # batch shape (k, B)
+        return {"log_px_z": px_z.log_prob(x), "log_pz": common.unmerge(log_pz.sum(-1), k),
+                "log_qz_x": common.unmerge(log_qz_x.sum(-1), k), "rate_layers": common.unmerge(log_qz_x - log_pz, k)}
+
+    def reconstruct(self, x, eval_pmf=False):
+        """p(x|z) with z ~ q(z|x), one draw per image."""
+        h, _ = self.top_down(len(x), self.encode(x))
+        return common.observe(self, h, eval_pmf)
+
+    def generate(self, n, eval_pmf=False, z_top=()):
+        """p(x|z) with z drawn ancestrally from the prior, n of them; the top len(z_top) layers taken from z_top."""
+        h, _ = self.top_down(n, z_top=z_top)
+        return common.observe(self, h, eval_pmf)
+
+    def posterior_means(self, x):
+        """E_q[z_i|z_>i, x] per layer, bottom layer first, (B, D_i) each, along one posterior draw of the layers
+        above (for counting active units, Burda et al. 2015, sec. 5.2)."""
+        _, layers = self.top_down(len(x), self.encode(x))
+        return [qz.mean for _, _, qz in reversed(layers)]
+
+
+class VAE(HierarchicalVAE):
+    """L stochastic layers of `latent_channels` maps, the top half (rounded up) at 4x4 and the rest at 8x8,
+    then model04's decoder from 8x8 and p(x|z) = observation(decoder(h))."""
+
+    def __init__(self, observation, channels=3, layers=LAYERS, width=CHANNELS, latent_channels=LATENT_CHANNELS):
+        super().__init__()
+        resolutions = [4] * (layers - layers // 2) + [8] * (layers // 2)  # per block, top first
+        self.encoder = Encoder(channels, width, resolutions)
+        blocks = []
+        for i, r in enumerate(resolutions):
+            state = 4 * width if r == 4 else 2 * width  # channels of h, and of the bottom-up features, at r
+            last_at_4x4 = r == 4 and resolutions[i + 1:i + 2] != [4]
+            up = nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1) if last_at_4x4 else None
+            blocks.append(TopDownBlock(state, state, latent_channels, up))
+        self.blocks = nn.ModuleList(blocks)
+        self.h_top = nn.Parameter(torch.zeros(1, 4 * width, 4, 4))  # the state above z_L (VDVAE starts from zeros)
+        self.decoder = Decoder(observation.num_params(channels), width)
+        self.observation = observation
+        self.latent_dims = [latent_channels * r * r for r in reversed(resolutions)]  # bottom layer first
+
+    def initial_state(self, n):
+        return self.h_top.expand(n, -1, -1, -1)  # (n, 4W, 4, 4)
+
+
+class LogisticObservation(nn.Module):
+    """p(x|z): model03's discretized logistic per sub-pixel; the variance s^2 pi^2 / 3 is bounded as model02's
+    Gaussian's (log-variance through tanh) unless `bounded` is False, when the log-scale is the raw output."""
+    def __init__(self, bounded=True, num_bins=data.NUM_BINS):
+        super().__init__()
+        self.bounded, self.num_bins = bounded, num_bins
+
+    def num_params(self, channels):
+        return 2 * channels  # loc and a (log-)spread per channel
+
+    def forward(self, out):
+        loc, raw = out.chunk(2, dim=-3)  # (*, C, H, W) each
+        log_scale = (common.bound_log_var(raw) - LOG_LOGISTIC_VAR_FACTOR) / 2 if self.bounded else raw
+        return common.DiscretizedLogistic(loc, log_scale, num_bins=self.num_bins)
+
+
+class MixtureObservation(nn.Module):
+    """p(x|z): model04's mixture of K discretized logistics per pixel over (R, G, B), with G's mean moving
+    with R and B's with R and G inside each component (PixelCNN++)."""
+
+    def __init__(self, num_components=NUM_COMPONENTS, num_bins=data.NUM_BINS):
+        super().__init__()
+        self.num_components, self.num_bins = num_components, num_bins
+
+    def num_params(self, channels):
+        if channels != 3:
+            raise common.UserError(f"the RGB autoregression needs 3 channels, the data have {channels}")
+        return self.num_components * (1 + 3 * channels)  # logit, and loc, log-scale, coefficient per channel
+
+    def forward(self, out):
+        k = self.num_components
+        logits = out[..., :k, :, :]  # (*, K, H, W)
+        params = out[..., k:, :, :].unflatten(-3, (3, k, 3))  # (*, 3, K, C, H, W): loc, log-scale, coefficients
+        loc, log_scale, coeffs = params.unbind(-5)  # (*, K, C, H, W) each
+        return common.DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=LOG_SCALE_MIN), torch.tanh(coeffs),
+                                                 num_bins=self.num_bins)
+
+
+def parser():
+    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+                           eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
+                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+    p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
+    p.add_argument("--layers", type=common.positive_int, default=LAYERS,
+                   help="stochastic layers (the top half, rounded up, at 4x4, the rest at 8x8)")
+    p.add_argument("--obs", choices=["logistic", "mixture"], default="mixture",
+                   help="p(x|z): model03's discretized logistic or model04's mixture of them")
+    p.add_argument("--unbounded", action="store_true",
+                   help="--obs logistic only: no bound on the variance, the log-scale is the decoder's raw output")
+    p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
+                   help="--obs mixture only: mixture components per pixel")
+    return p
+
+
+def build_model(args):
+    observation = (MixtureObservation(args.components) if args.obs == "mixture"
+                   else LogisticObservation(bounded=not args.unbounded))
+    return VAE(observation, layers=args.layers)
+
+
+def run(argv):
+    args = parser().parse_args(argv)
+    if args.obs != "logistic" and args.unbounded:
+        raise common.UserError("--unbounded removes the logistic's variance bound, so it needs --obs logistic; the "
+                               "mixture has no bound to remove (only model04's log-scale floor). Drop --unbounded "
+                               "or pass --obs logistic.")
+    if args.obs != "mixture" and args.components != NUM_COMPONENTS:
+        raise common.UserError("--components is the number of mixture components, so it needs --obs mixture. Drop "
+                               "--components or pass --obs mixture.")
+    images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
+    name = f"model05_{args.obs}" + ("_unbounded" if args.unbounded else "")
+    return common.run_experiment(args, argv, script="model05.py", name=name, data=images, eval_pmf=True,
+                                 report_bpd=True, build_model=lambda: build_model(args),
+                                 extra_grids=common.save_layer_grid)
+
+
+def main(argv=None):
+    return common.cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
