@@ -23,13 +23,14 @@ and model05_mixture_checkpoint.pt (model05_logistic[_unbounded]_* with --obs log
 shows what each layer encodes: each row keeps one draw of the top layers from the prior and resamples the
 layers below it.
 """
-import math
 
 import torch
 from torch import nn
 
 import common
 import data
+from model03 import LogisticObservation  # chapter 3's p(x|z): a discretized logistic per sub-pixel
+from model04 import NUM_COMPONENTS, MixtureObservation  # chapter 4's: a mixture with RGB autoregression
 
 # config: the argparse defaults below (python model05.py --help)
 LAYERS = 3  # stochastic layers: the top half (rounded up) at 4x4, the rest at 8x8
@@ -39,9 +40,6 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
-NUM_COMPONENTS = 10  # --obs mixture: components per pixel (PixelCNN++ uses 5 to 10)
-LOG_SCALE_MIN = -7.0  # --obs mixture: floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)
-LOG_LOGISTIC_VAR_FACTOR = math.log(math.pi ** 2 / 3)  # variance of a logistic = s^2 pi^2 / 3
 LATENT_LOG_SIGMA_BOUND = 5.0  # log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapters 2-4
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
@@ -216,44 +214,6 @@ class VAE(HierarchicalVAE):
 
     def initial_state(self, n):
         return self.h_top.expand(n, -1, -1, -1)  # (n, 4W, 4, 4)
-
-
-class LogisticObservation(nn.Module):
-    """p(x|z): model03's discretized logistic per sub-pixel; the variance s^2 pi^2 / 3 is bounded as model02's
-    Gaussian's (log-variance through tanh) unless `bounded` is False, when the log-scale is the raw output."""
-    def __init__(self, bounded=True, num_bins=data.NUM_BINS):
-        super().__init__()
-        self.bounded, self.num_bins = bounded, num_bins
-
-    def num_params(self, channels):
-        return 2 * channels  # loc and a (log-)spread per channel
-
-    def forward(self, out):
-        loc, raw = out.chunk(2, dim=-3)  # (*, C, H, W) each
-        log_scale = (common.bound_log_var(raw) - LOG_LOGISTIC_VAR_FACTOR) / 2 if self.bounded else raw
-        return common.DiscretizedLogistic(loc, log_scale, num_bins=self.num_bins)
-
-
-class MixtureObservation(nn.Module):
-    """p(x|z): model04's mixture of K discretized logistics per pixel over (R, G, B), with G's mean moving
-    with R and B's with R and G inside each component (PixelCNN++)."""
-
-    def __init__(self, num_components=NUM_COMPONENTS, num_bins=data.NUM_BINS):
-        super().__init__()
-        self.num_components, self.num_bins = num_components, num_bins
-
-    def num_params(self, channels):
-        if channels != 3:
-            raise common.UserError(f"the RGB autoregression needs 3 channels, the data have {channels}")
-        return self.num_components * (1 + 3 * channels)  # logit, and loc, log-scale, coefficient per channel
-
-    def forward(self, out):
-        k = self.num_components
-        logits = out[..., :k, :, :]  # (*, K, H, W)
-        params = out[..., k:, :, :].unflatten(-3, (3, k, 3))  # (*, 3, K, C, H, W): loc, log-scale, coefficients
-        loc, log_scale, coeffs = params.unbind(-5)  # (*, K, C, H, W) each
-        return common.DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=LOG_SCALE_MIN), torch.tanh(coeffs),
-                                                 num_bins=self.num_bins)
 
 
 def parser():

@@ -6,8 +6,10 @@ them from the JSON files and fails if the README differs. `python tests/test_rea
 import json
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 README = os.path.join(ROOT, "README.md")
 
 COLOUR_ROWS = [  # (results file, p(x|z), variance)
@@ -15,7 +17,10 @@ COLOUR_ROWS = [  # (results file, p(x|z), variance)
     ("model02_unbounded", "Gaussian (trained as a density)", "unbounded"),
     ("model03", "discretized logistic", "bounded: log-variance = tanh"),
     ("model03_unbounded", "discretized logistic", "unbounded"),
+    ("model02_unbounded_dequantized", "Gaussian (trained on dequantized data)", "unbounded"),
     ("model04", "mixture of 10 discretized logistics, RGB autoregression", "log-scale >= -7"),
+    ("model05_logistic_unbounded", "discretized logistic, 3 stochastic layers", "unbounded"),
+    ("model05_mixture", "mixture of 10 discretized logistics, 3 stochastic layers", "log-scale >= -7"),
 ]
 
 
@@ -63,7 +68,50 @@ def render_colour():
     return "\n".join(lines)
 
 
-TABLES = {"model01": render_model01, "colour": render_colour}
+def load_bench():
+    path = os.path.join(ROOT, "assets", "bench_results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def render_speed():
+    import bench
+    b = load_bench()
+    if b is None:
+        return "not measured yet: run `python bench.py`"
+    peaks = [r[key]["matmul_flops"] for r in b["rows"] for key in ("train", "eval")]
+    return (bench.markdown(b["rows"]) + "\n\n"
+            f"Measured by `{b['command']}` on {b['hardware']} (torch {b['torch_version']}), {b['finished']}, "
+            f"{b['total_seconds']:.0f} s in all; the float32 {b['matmul_n']}x{b['matmul_n']} matmul ran at "
+            f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s during the run.")
+
+
+TRAIN_IMAGES = {"model01": 60000}  # MNIST; the colour chapters train on CIFAR-10's 50000
+TEST_IMAGES = 10000
+
+
+def render_defaults():
+    """Each script's default run, its time extrapolated from bench.py's steady-state rates (optimized path)."""
+    import importlib
+    b = load_bench()
+    if b is None:
+        return "not measured yet: run `python bench.py`"
+    lines = ["| command | epochs | batch | training, at bench.py's rate | S | evaluation of 10,000 test images |",
+             "|---|---|---|---|---|---|"]
+    for r in b["rows"]:
+        if r["path"] != "optimized":
+            continue
+        args = importlib.import_module(r["chapter"]).parser().parse_args([])
+        train_h = args.epochs * TRAIN_IMAGES.get(r["chapter"], 50000) / r["train"]["images_per_s"] / 3600
+        eval_min = TEST_IMAGES * args.eval_samples / r["eval"]["pairs_per_s"] / 60
+        lines.append(f"| `python {r['chapter']}.py` | {args.epochs} | {args.batch_size} | {train_h:.1f} h | "
+                     f"{args.eval_samples} | {eval_min:.0f} min |")
+    return "\n".join(lines)
+
+
+TABLES = {"model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
 
 
 def blocks(text):
