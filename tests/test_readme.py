@@ -4,6 +4,7 @@ The tables sit between `<!-- results:NAME -->` and `<!-- /results:NAME -->` mark
 them from the JSON files and fails if the README differs. `python tests/test_readme.py` rewrites them.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -111,7 +112,28 @@ def render_defaults():
     return "\n".join(lines)
 
 
-TABLES = {"model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
+def render_s_sweep():
+    """How the estimate moves with S, from the results files in assets/s_sweep/ (same images for every S)."""
+    folder = os.path.join(ROOT, "assets", "s_sweep")
+    files = sorted(f for f in os.listdir(folder) if f.endswith("_results.json")) if os.path.isdir(folder) else []
+    if not files:
+        return "not measured yet"
+    lines = ["| checkpoint | test images | S | test bits/dim | ± s.e. | minus the largest S's (same images) | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    commands = []
+    for file in files:
+        with open(os.path.join(folder, file)) as f:
+            r = json.load(f)
+        last = r["s_sweep"][-1]["bpd"]
+        for row in r["s_sweep"]:
+            se = row["stderr"] / (3072 * math.log(2))
+            lines.append(f"| {r['model']}, {r['epochs_completed']} epochs | {row['images']} | {row['S']} | "
+                         f"{row['bpd']:.4f} | {se:.4f} | {row['bpd'] - last:+.4f} | {row['seconds']:.0f} |")
+        commands.append(f"`{r['command']}` ({r['eval_hardware']}, {r['finished']})")
+    return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
+
+
+TABLES = {"s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
 
 
 def blocks(text):

@@ -1,0 +1,106 @@
+"""Long runs: --time-limit and sittings, the per-epoch test curve, the schedule, dequantization and the
+rate/distortion/active-unit statistics in the results."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import data
+import model01
+import model02
+import model03
+
+NO_COMPILE = ["--no-compile"]  # these tests are about the run's bookkeeping; test_speed_paths checks compile
+
+
+def mnist_args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--eval-samples", "3", "--eval-limit", "8",
+            "--device", "cpu", "--epochs", "2", "--batch-size", "16", "--no-download", *NO_COMPILE, *extra]
+
+
+def test_time_limit_stops_cleanly_and_resume_finishes(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert model01.main(mnist_args(mnist_dir, out, "--time-limit", "0.000001")) == 0
+    printed = capsys.readouterr().out
+    assert "stopped at the time limit" in printed and "--resume" in printed
+    assert (out / "model01_checkpoint.pt").exists() and not (out / "model01_results.json").exists()
+    resume = printed.split("Resume with:")[1].split()  # the exact command it printed
+    assert resume[:2] == ["python", "model01.py"]
+    argv = [a for a in resume[2:]]
+    argv[argv.index("--time-limit") + 1] = "60"
+    assert model01.main(argv) == 0
+    res = json.loads((out / "model01_results.json").read_text())
+    assert res["steps"] == res["planned_steps"] == 8 and not res["shortened"]
+    assert len(res["train_segments"]) == 2
+    first, second = res["train_segments"]
+    assert first["first_step"] == 0 and first["last_step"] == second["first_step"] and second["last_step"] == 8
+    assert all(s["hardware"].startswith("CPU") and s["end"] for s in res["train_segments"])
+
+
+def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
+    # 20 fake training images in batches of 8: 3 steps an epoch, 2 epochs
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(cifar_bin_dir), "--out-dir", str(out), "--eval-samples", "2", "--eval-limit", "6",
+            "--device", "cpu", "--epochs", "2", "--batch-size", "8", "--no-download", "--curve-images", "5",
+            "--s-sweep", "1", "3", "--s-sweep-images", "4", *NO_COMPILE]
+    assert model03.main(argv) == 0
+    res = json.loads((out / "model03_results.json").read_text())
+    assert [row["epoch"] for row in res["test_curve"]] == [1, 2]
+    for row in res["test_curve"]:
+        assert row["elbo_nats"] == pytest.approx(-row["rate_nats"] - row["distortion_nats"], rel=1e-5)
+        assert row["elbo_bpd"] == pytest.approx(common.bits_per_dim(row["elbo_nats"], 3072))
+    b = res["test_balance"]
+    assert b["images"] == 6 and b["latent_units"] == [model03.LATENT_DIM] and 0 <= b["active_units"][0] <= 128
+    assert b["elbo_nats"] == pytest.approx(-b["rate_nats"] - b["distortion_nats"], rel=1e-6)
+    assert sum(b["rate_per_layer_nats"]) == pytest.approx(b["rate_nats"], rel=1e-6)
+    assert math.isfinite(b["mean_log_scale"])
+    assert [s["S"] for s in res["s_sweep"]] == [1, 3] and all(s["images"] == 4 for s in res["s_sweep"])
+    assert (out / "colour_curves.png").stat().st_size > 0
+
+
+def test_active_units_count_only_units_whose_mean_moves():
+    """Burda et al.'s criterion: Cov_x E_q[z_u] > 0.01. Units whose posterior mean ignores x are inactive."""
+    torch.manual_seed(0)
+    model = model03.VAE(model03.LogisticObservation())
+    last = model.encoder.net[-1]  # Linear -> (mu, log_sigma)
+    with torch.no_grad():
+        last.weight[:64].zero_()  # mu_0..63 = bias: the same for every image
+        last.weight[64:128].normal_(0, 1.0)  # mu_64..127 move a lot with x
+    x = torch.randint(0, 256, (50, 3, 32, 32)).float() / 255
+    stats = common.balance_stats(model, x, eval_pmf=True)
+    assert stats["active_units"] == [64]
+
+
+def test_hold_decay_schedule_has_the_same_shape_at_any_length():
+    for total in (100, 10_000):
+        lr = lambda f: common.hold_decay_lr(int(f * total), total, 1e-3)
+        assert lr(0) == lr(0.49) == 1e-3
+        assert lr(0.75) == pytest.approx(1e-3 * 0.1 ** 0.5, rel=0.05)
+        assert lr(1.0) == pytest.approx(1e-4)
+        assert all(lr(a / 100) >= lr(b / 100) for a, b in zip(range(100), range(1, 101)))
+
+
+def test_dequantized_values_stay_in_their_bins():
+    x = data.to_unit(torch.arange(256, dtype=torch.uint8).repeat(40))
+    torch.manual_seed(0)
+    y = data.dequantize(x)
+    assert torch.equal(torch.round(y * 255), x * 255)  # each value stays in the bin scored as k
+    offsets = (y - x) * 255  # uniform on [-1/2, 1/2)
+    assert offsets.min() >= -0.5 and offsets.max() < 0.5 and abs(offsets.mean()) < 0.02
+    assert offsets.std() == pytest.approx(1 / math.sqrt(12), rel=0.05)
+
+
+def test_model02_dequantize_trains_on_noisy_pixels_and_is_named_so(cifar_bin_dir, tmp_path, monkeypatch):
+    seen = []
+    original = data.ImageData.train_batch
+    monkeypatch.setattr(data.ImageData, "train_batch", lambda self, x: seen.append(original(self, x)) or seen[-1])
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(cifar_bin_dir), "--out-dir", str(out), "--eval-samples", "2", "--eval-limit", "6",
+            "--device", "cpu", "--max-steps", "2", "--batch-size", "8", "--no-download", "--unbounded",
+            "--dequantize", *NO_COMPILE]
+    assert model02.main(argv) == 0
+    assert (out / "model02_unbounded_dequantized_results.json").exists()
+    off_grid = [(b * 255 - torch.round(b * 255)).abs().max().item() for b in seen]
+    assert min(off_grid) > 0.01  # not the 8-bit values themselves
