@@ -14,7 +14,7 @@ work (the likelihoods' exp and log) counts no FLOPs: it is what keeps utilizatio
     python bench.py                          # every chapter, about 4 minutes on 2 CPU cores
     python bench.py --models model03 --seconds 5 --device cpu
 
-It prints a markdown table and writes assets/bench_results.json, from which the README's Speed table is
+It prints a markdown table and writes assets/bench.json, from which the README's Speed table is
 rendered (python tests/test_readme.py).
 """
 import argparse
@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--seconds", type=common.positive_float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--out", default=os.path.join("assets", "bench_results.json"), help="results JSON ('' = none)")
+    p.add_argument("--out", default=os.path.join("assets", "bench.json"), help="results JSON ('' = none)")
     args = p.parse_args(argv)
     try:
         device = common.get_device(args.device)

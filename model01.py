@@ -9,7 +9,7 @@ the paper's one-stochastic-layer IWAE with k = 5 reaches a test log-likelihood o
 
 Departure from the paper: batches of 100 (the paper: 20) and the hold-decay schedule (lr 1e-3 for the first
 half of the epochs, then a geometric decay to 1e-4), 2000 epochs: the paper's 3280 epochs of batches of 20
-(8 stages, lr 1e-3 * 10^(-i/7) for 3^i epochs) are ~14 hours on 2 CPU cores, this run ~4.
+(8 stages, lr 1e-3 * 10^(-i/7) for 3^i epochs) are eight times as many steps (README: the times on 2 cores).
 The paper's protocol is  --batch-size 20 --schedule iwae --epochs 3280.
 
 Run:  python model01.py --data-dir ../shared/data

@@ -70,7 +70,7 @@ def render_colour():
 
 
 def load_bench():
-    path = os.path.join(ROOT, "assets", "bench_results.json")
+    path = os.path.join(ROOT, "assets", "bench.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
