@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import weakref
@@ -717,6 +718,22 @@ class Diverged(UserError):
     pass
 
 
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's wall-time kill, `kill PID`; background jobs ignore Ctrl-C's SIGINT) stops
+    training as Ctrl-C does: checkpoint, then exit. Returns the previous handler (None off the main thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _restore_sigterm(previous):
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _segment_now():
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
@@ -784,6 +801,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
         segment.update(end=_segment_now(), last_step=state.step, seconds=round(now - t_start, 1))
         save_checkpoint(ckpt_path, model, optimizer, state, config)
 
+    previous_sigterm = _stop_on_sigterm()
     try:
         while state.step < last_step and time.time() < deadline:
             if state.perm is None:
@@ -829,6 +847,8 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
         bar.close()
         raise UserError(f"Interrupted at step {state.step}; saved {ckpt_path}. Continue with the same command "
                         f"and --resume.") from None
+    finally:
+        _restore_sigterm(previous_sigterm)
     bar.close()
     checkpoint()
     return state

@@ -104,3 +104,28 @@ def test_model02_dequantize_trains_on_noisy_pixels_and_is_named_so(cifar_bin_dir
     assert (out / "model02_unbounded_dequantized_results.json").exists()
     off_grid = [(b * 255 - torch.round(b * 255)).abs().max().item() for b in seen]
     assert min(off_grid) > 0.01  # not the 8-bit values themselves
+
+
+def test_sigterm_stops_training_with_a_checkpoint(mnist_dir, tmp_path):
+    """`kill PID` (SIGTERM: a scheduler's wall-time limit; background jobs ignore Ctrl-C) stops training as
+    Ctrl-C does: a checkpoint, a one-paragraph message, exit status 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    argv = [sys.executable, "model01.py", *mnist_args(mnist_dir, out, "--epochs", "100000")]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        deadline = time.time() + 300
+        while "train:" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)  # until the progress bar shows that training runs
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 2, err
+    assert "Interrupted at step" in err and "Traceback" not in err
+    assert torch.load(out / "model01_checkpoint.pt", weights_only=False)["state"]["step"] > 0
