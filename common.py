@@ -661,6 +661,7 @@ class TrainState:
     history: list = field(default_factory=list)  # (step, epoch, mean training bound over the interval)
     test_curve: list = field(default_factory=list)  # after each epoch: (epoch, step, test ELBO, rate, distortion)
     segments: list = field(default_factory=list)  # one dict per sitting: start, end, steps, seconds, hardware
+    stopped_by_guard: dict = None  # set when the divergence guard ended training: step, epoch, reason
 
 
 def save_checkpoint(path, model, optimizer, state, config):
@@ -800,6 +801,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
         save_checkpoint(ckpt_path, model, optimizer, state, config)
 
     previous_sigterm = _stop_on_sigterm()
+    state.stopped_by_guard = None
     try:
         while state.step < last_step and time.time() < deadline:
             if state.perm is None:
@@ -817,10 +819,12 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
                 state.skipped_steps += 1
                 skips_in_a_row += 1
                 if skips_in_a_row >= max_skips_in_a_row:
-                    raise Diverged(f"Training diverged: {skips_in_a_row} steps in a row had a non-finite loss or a "
-                                   f"gradient norm above {skip_grad_norm:g} (last loss {loss.item():.4g}, gradient "
-                                   f"norm {grad_norm.item():.4g}) at step {state.step}. Lower --lr, or resume from "
-                                   f"the last checkpoint {ckpt_path} with --resume.")
+                    # the skipped steps left the weights as the last step taken made them: keep those, as a result
+                    state.stopped_by_guard = {
+                        "step": state.step + 1, "epoch": state.epoch, "skipped_in_a_row": skips_in_a_row,
+                        "reason": f"{skips_in_a_row} steps in a row had a non-finite loss or a gradient norm "
+                                  f"above {skip_grad_norm:g} (last loss {loss.item():.4g}, gradient norm "
+                                  f"{grad_norm.item():.4g})"}
             state.step += 1
             state.pos += batch_size
             if state.pos >= n:
@@ -837,6 +841,8 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
                 bar.set_postfix(postfix)
                 running = []
             bar.update(1)
+            if state.stopped_by_guard is not None:
+                break
             if time.time() - last_save > 60 * checkpoint_minutes:
                 checkpoint()
                 last_save = time.time()
@@ -1132,7 +1138,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                       time_limit_minutes=args.time_limit, epoch_end=epoch_end, compile=args.compile,
                       compile_mode="reduce-overhead" if device.type == "cuda" else None,
                       channels_last=channels_last, hardware=hardware)
-        if state.step < min(planned_steps, args.max_steps or planned_steps):
+        if state.stopped_by_guard is None and state.step < min(planned_steps, args.max_steps or planned_steps):
             print(f"{name}: stopped at the time limit after step {state.step} of {planned_steps} (epoch "
                   f"{state.epoch}); saved {ckpt_path}. Resume with:\n  {resume_command(script, argv)}")
             return None
@@ -1173,6 +1179,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         "command": "python " + " ".join([script, *argv]), "eval_only": args.eval_only,
         "samples_mean": mean_how, "finished": _now(),
     }
+    if state.stopped_by_guard is not None:
+        results["stopped_by_guard"] = state.stopped_by_guard
     if report_bpd:
         num_dims = x_test[0].numel()
         results["test_bpd"] = bits_per_dim(llh_nats, num_dims)
@@ -1191,6 +1199,12 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                + (f" = {results['test_bpd']:.3f} bits/dim" if report_bpd else "")
                + f" (S={args.eval_samples}, {len(x_test)} test images); wrote {path}")
     print(summary)
+    if state.stopped_by_guard is not None and not args.eval_only:
+        guard = state.stopped_by_guard
+        raise Diverged(f"Training diverged: {guard['reason']} at step {guard['step']} (epoch {guard['epoch']}). "
+                       f"The weights of the last step taken were evaluated and written as the result above "
+                       f"(stopped_by_guard in {path}); the checkpoint {ckpt_path} holds them. Lower --lr to "
+                       f"train further.")
     return results
 
 

@@ -71,11 +71,19 @@ def test_non_finite_and_huge_steps_are_skipped_and_counted(cifar_bin_dir, tmp_pa
     assert res["skipped_steps"] == 3 and res["steps"] == 3
 
 
-def test_many_skips_in_a_row_stop_the_run(cifar_bin_dir, tmp_path, capsys):
+def test_many_skips_in_a_row_stop_the_run_and_the_stop_is_a_result(cifar_bin_dir, tmp_path, capsys):
     code = model02.main(args(cifar_bin_dir, tmp_path, "--skip-grad-norm", "1e-12", "--max-skips", "4"))
     assert code == 2
     err = capsys.readouterr().err
     assert "Training diverged: 4 steps in a row" in err and "Traceback" not in err
+    res = json.loads((tmp_path / "model02_results.json").read_text())
+    assert res["stopped_by_guard"]["step"] == 4 and res["stopped_by_guard"]["skipped_in_a_row"] == 4
+    assert res["shortened"] and res["steps"] == 4 and math.isfinite(res["test_bpd"])
+    assert (tmp_path / "model02_samples_var.png").exists()
+    # --eval-only on the guard's checkpoint gives the result back, with the stop recorded
+    assert model02.main(args(cifar_bin_dir, tmp_path, "--eval-only")) == 0
+    again = json.loads((tmp_path / "model02_results.json").read_text())
+    assert again["stopped_by_guard"] == res["stopped_by_guard"] and again["steps"] == 4
 
 
 def test_mixture_needs_rgb():

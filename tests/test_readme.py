@@ -35,6 +35,8 @@ def load(name):
 
 def how(r, full_epochs=None):
     epochs = f"{r['epochs_completed']} of {r['epochs']}" if r["shortened"] else f"{r['epochs']}"
+    if r.get("stopped_by_guard"):
+        epochs += ", stopped by the divergence guard"
     if full_epochs and r["epochs"] < full_epochs:
         epochs += f" (the paper's {full_epochs}, compressed)"
     return (f"{epochs} | {r['steps']} | {r['train_seconds'] / 60:.0f} min | {r['hardware']} | "
@@ -66,6 +68,39 @@ def render_colour():
         else:
             lines.append(f"| {name} | {px_z} | {variance} | {r['test_bpd']:.3f} | {r['test_bpd_stderr']:.3f} | "
                          f"{r['eval_samples']} | {r['eval_images']} | {how(r)} |")
+    return "\n".join(lines)
+
+
+LOG_STD_OF_LOGISTIC = math.log(math.pi / math.sqrt(3))  # a logistic of scale s has std s * pi / sqrt(3)
+
+
+def render_balance():
+    """The story's mechanism in numbers: rate, distortion, the spread of p(x|z), active units (test_balance)."""
+    lines = ["| run | epochs | rate KL(q\\|\\|p), nats/image (per layer, bottom first) | distortion, nats/image | "
+             "ELBO, bits/dim | mean log-std of p(x\\|z) | active latent units | test images |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in ["model01"] + [row[0] for row in COLOUR_ROWS]:
+        r = load(name)
+        if r is None:
+            continue
+        b = r.get("test_balance")
+        if b is None:
+            lines.append(f"| {name} | {how(r).split(' | ')[0]} | not measured (a run from before test_balance) "
+                         f"| | | | | |")
+            continue
+        rate = f"{b['rate_nats']:.1f}"
+        if len(b["rate_per_layer_nats"]) > 1:
+            rate += " (" + " + ".join(f"{v:.1f}" for v in b["rate_per_layer_nats"]) + ")"
+        dims = 784 if name == "model01" else 3072
+        elbo = "" if name == "model01" else f"{-b['elbo_nats'] / (dims * math.log(2)):.3f}"
+        if b["mean_log_scale"] is None:
+            spread = "none (Bernoulli)"
+        else:
+            logistic = not name.startswith("model02")
+            spread = f"{b['mean_log_scale'] + (LOG_STD_OF_LOGISTIC if logistic else 0):.2f}"
+        active = " + ".join(str(a) for a in b["active_units"]) + f" of {sum(b['latent_units'])}"
+        lines.append(f"| {name} | {how(r).split(' | ')[0]} | {rate} | {b['distortion_nats']:.1f} | {elbo} | "
+                     f"{spread} | {active} | {b['images']} |")
     return "\n".join(lines)
 
 
@@ -133,7 +168,7 @@ def render_s_sweep():
     return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
 
 
-TABLES = {"s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
+TABLES = {"balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
 
 
 def blocks(text):
