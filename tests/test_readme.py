@@ -152,17 +152,24 @@ def render_defaults():
 
 
 def render_s_sweep():
-    """How the estimate moves with S, from the results files in assets/s_sweep/ (same images for every S)."""
-    folder = os.path.join(ROOT, "assets", "s_sweep")
-    files = sorted(f for f in os.listdir(folder) if f.endswith("_results.json")) if os.path.isdir(folder) else []
-    if not files:
+    """How the estimate moves with S (same images for every S): the sweeps that trained runs made on their own
+    checkpoints (assets/*_results.json), then the eval-only sweeps kept in assets/s_sweep/."""
+    paths = []
+    for folder in [os.path.join(ROOT, "assets"), os.path.join(ROOT, "assets", "s_sweep")]:
+        if os.path.isdir(folder):
+            paths += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith("_results.json")]
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("s_sweep"):
+            runs.append(r)
+    if not runs:
         return "not measured yet"
     lines = ["| checkpoint | test images | S | test bits/dim | ± s.e. | minus the largest S's (same images) | seconds |",
              "|---|---|---|---|---|---|---|"]
     commands = []
-    for file in files:
-        with open(os.path.join(folder, file)) as f:
-            r = json.load(f)
+    for r in runs:
         last = r["s_sweep"][-1]["bpd"]
         for row in r["s_sweep"]:
             se = row["stderr"] / (3072 * math.log(2))
