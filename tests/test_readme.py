@@ -179,7 +179,29 @@ def render_s_sweep():
     return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
 
 
-TABLES = {"balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
+def render_checks():
+    """Each --eval-only re-evaluation of a shipped checkpoint (assets/checks/NAME_eval_only.json) beside the
+    number its run wrote: the difference in units of the run's standard error."""
+    folder = os.path.join(ROOT, "assets", "checks")
+    files = sorted(f for f in os.listdir(folder) if f.endswith("_eval_only.json")) if os.path.isdir(folder) else []
+    if not files:
+        return "none yet"
+    lines = ["| checkpoint | the run's number | --eval-only | difference / run's s.e. | S | test images | hardware | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    for file in files:
+        with open(os.path.join(folder, file)) as f:
+            c = json.load(f)
+        r = load(file[:-len("_eval_only.json")])
+        bpd = "test_bpd" in r
+        key, se_key, fmt = ("test_bpd", "test_bpd_stderr", ".4f") if bpd else ("test_llh_nats", "test_llh_stderr", ".2f")
+        unit = "bits/dim" if bpd else "nats"
+        lines.append(f"| assets/{r['model']}_checkpoint.pt | {r[key]:{fmt}} ± {r[se_key]:{fmt}} {unit} | "
+                     f"{c[key]:{fmt}} ± {c[se_key]:{fmt}} | {(c[key] - r[key]) / r[se_key]:+.2f} | "
+                     f"{c['eval_samples']} | {c['eval_images']} | {c['eval_hardware']} | `{c['command']}` |")
+    return "\n".join(lines)
+
+
+TABLES = {"checks": render_checks, "balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
 
 
 def blocks(text):
