@@ -196,7 +196,7 @@ def render_checks():
         key, se_key, fmt = ("test_bpd", "test_bpd_stderr", ".4f") if bpd else ("test_llh_nats", "test_llh_stderr", ".2f")
         unit = "bits/dim" if bpd else "nats"
         lines.append(f"| assets/{r['model']}_checkpoint.pt | {r[key]:{fmt}} ± {r[se_key]:{fmt}} {unit} | "
-                     f"{c[key]:{fmt}} ± {c[se_key]:{fmt}} | {(c[key] - r[key]) / r[se_key]:+.2f} | "
+                     f"{c[key]:{fmt}} ± {c[se_key]:{fmt}} | {round((c[key] - r[key]) / r[se_key], 2) + 0.0:+.2f} | "
                      f"{c['eval_samples']} | {c['eval_images']} | {c['eval_hardware']} | `{c['command']}` |")
     return "\n".join(lines)
 
