@@ -151,19 +151,25 @@ def render_defaults():
     return "\n".join(lines)
 
 
+def json_files(folder, suffix):
+    """(name without the suffix, parsed JSON) of every file in ROOT/folder whose name ends in suffix, sorted."""
+    path = os.path.join(ROOT, folder)
+    names = sorted(f for f in os.listdir(path) if f.endswith(suffix)) if os.path.isdir(path) else []
+    out = []
+    for f in names:
+        with open(os.path.join(path, f)) as fh:
+            out.append((f[:-len(suffix)], json.load(fh)))
+    return out
+
+
+CHECKS = os.path.join("assets", "checks")  # --eval-only re-evaluations: NAME_eval_only.json for assets/NAME_*
+
+
 def render_s_sweep():
     """How the estimate moves with S (same images for every S): the sweeps that trained runs made on their own
     checkpoints (assets/*_results.json), then the eval-only sweeps kept in assets/s_sweep/."""
-    paths = []
-    for folder in [os.path.join(ROOT, "assets"), os.path.join(ROOT, "assets", "s_sweep")]:
-        if os.path.isdir(folder):
-            paths += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith("_results.json")]
-    runs = []
-    for path in paths:
-        with open(path) as f:
-            r = json.load(f)
-        if r.get("s_sweep"):
-            runs.append(r)
+    runs = [r for folder in ["assets", os.path.join("assets", "s_sweep")]
+            for _, r in json_files(folder, "_results.json") if r.get("s_sweep")]
     if not runs:
         return "not measured yet"
     lines = ["| checkpoint | test images | S | test bits/dim | ± s.e. | minus the largest S's (same images) | seconds |",
@@ -182,16 +188,13 @@ def render_s_sweep():
 def render_checks():
     """Each --eval-only re-evaluation of a shipped checkpoint (assets/checks/NAME_eval_only.json) beside the
     number its run wrote: the difference in units of the run's standard error."""
-    folder = os.path.join(ROOT, "assets", "checks")
-    files = sorted(f for f in os.listdir(folder) if f.endswith("_eval_only.json")) if os.path.isdir(folder) else []
-    if not files:
+    checks = json_files(CHECKS, "_eval_only.json")
+    if not checks:
         return "none yet"
     lines = ["| checkpoint | the run's number | --eval-only | difference / run's s.e. | S | test images | hardware | command |",
              "|---|---|---|---|---|---|---|---|"]
-    for file in files:
-        with open(os.path.join(folder, file)) as f:
-            c = json.load(f)
-        r = load(file[:-len("_eval_only.json")])
+    for name, c in checks:
+        r = load(name)
         bpd = "test_bpd" in r
         key, se_key, fmt = ("test_bpd", "test_bpd_stderr", ".4f") if bpd else ("test_llh_nats", "test_llh_stderr", ".2f")
         unit = "bits/dim" if bpd else "nats"
@@ -226,6 +229,16 @@ def test_every_results_file_is_in_the_readme():
             r = load(file[:-len("_results.json")])
             number = f"{r['test_bpd']:.3f}" if "test_bpd" in r else f"{r['test_llh_nats']:.2f}"
             assert number in text, f"{file}: {number} is not in README.md"
+
+
+def test_every_check_is_of_the_shipped_checkpoint():
+    """A re-evaluation left over from an earlier checkpoint of the same name would compare two different models."""
+    for name, c in json_files(CHECKS, "_eval_only.json"):
+        r = load(name)
+        assert r is not None, f"{CHECKS}/{name}_eval_only.json has no assets/{name}_results.json"
+        assert c["eval_only"] and not r["eval_only"], f"{name}: the check must be --eval-only, the run must not"
+        assert c["train_segments"] == r["train_segments"], \
+            f"{CHECKS}/{name}_eval_only.json is of another checkpoint than assets/{name}_*: re-run the check or delete it"
 
 
 if __name__ == "__main__":
