@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 import weakref
@@ -662,6 +663,8 @@ class TrainState:
     test_curve: list = field(default_factory=list)  # after each epoch: (epoch, step, test ELBO, rate, distortion)
     segments: list = field(default_factory=list)  # one dict per sitting: start, end, steps, seconds, hardware
     stopped_by_guard: dict = None  # set when the divergence guard ended training: step, epoch, reason
+    recent_grad_norms: list = field(default_factory=list)  # of the last GRAD_NORM_WINDOW steps taken
+    skips: list = field(default_factory=list)  # the first MAX_SKIPS_LISTED skipped steps: step, loss, norm, threshold
 
 
 def save_checkpoint(path, model, optimizer, state, config):
@@ -711,6 +714,13 @@ def restore(blob, model, optimizer=None, rng=True):
 # Training loop
 # ---------------------------------------------------------------------------------------------------
 COLOUR_SKIP_GRAD_NORM = 1e9  # a last resort: gradient norms up to 2e8 were seen in the first steps of --unbounded model03
+# The mixture's first 50-epoch run (model04, seed 0) took a step whose gradient norm was 162 times the median of the
+# 100 steps taken before it (step 1565; from step 101 to 1564 the largest ratio was 2.8), and Adam's update from it
+# sent the encoder's log-sigma up to 20 three steps later; from step 1568 on every step was skipped. A relative guard
+# (--skip-grad-ratio) skips such a step.
+MIXTURE_SKIP_GRAD_RATIO = 10.0
+GRAD_NORM_WINDOW = 100  # --skip-grad-ratio compares a step's gradient norm with the median of this many steps taken
+MAX_SKIPS_LISTED = 1000  # skipped steps listed one by one in the results (all are counted)
 
 
 class Diverged(UserError):
@@ -762,7 +772,7 @@ def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
 
 
 def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
-          max_steps=None, skip_grad_norm=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
+          max_steps=None, skip_grad_norm=math.inf, skip_grad_ratio=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
           time_limit_minutes=None, epoch_end=None, compile=False, compile_mode=None, channels_last=False,
           hardware="", log_every=100, progress=True):
     """Maximise the IWAE bound with Adam, batch by batch, until `epochs` epochs or `max_steps` steps, or
@@ -770,8 +780,9 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     sees state.step short of the end).
 
     The training set stays one tensor on the model's device (no DataLoader). A step whose loss or
-    gradient norm is not finite, or whose gradient norm exceeds `skip_grad_norm`, is skipped and counted;
-    `max_skips_in_a_row` skips in a row stop the run. Checkpoints: every `checkpoint_minutes`, at the
+    gradient norm is not finite, or whose gradient norm exceeds `skip_grad_norm`, or `skip_grad_ratio` times
+    the median norm of the last GRAD_NORM_WINDOW steps taken (once there are that many), is skipped, counted
+    and listed in state.skips; `max_skips_in_a_row` skips in a row stop the run. Checkpoints: every `checkpoint_minutes`, at the
     end, at the time limit and on Ctrl-C; `state` resumes exactly (the epoch's order, the position in it,
     the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple goes into state.test_curve.
     Each sitting is recorded in state.segments.
@@ -811,19 +822,27 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
             lr = lr_at(state.step, total_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, skip_grad_norm)
+            threshold = skip_grad_norm
+            if len(state.recent_grad_norms) >= GRAD_NORM_WINDOW:
+                threshold = min(threshold, skip_grad_ratio * statistics.median(state.recent_grad_norms))
+            loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, threshold)
             if stepped:
                 skips_in_a_row = 0
                 running.append(-loss.item())
+                state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [grad_norm.item()]
             else:
                 state.skipped_steps += 1
                 skips_in_a_row += 1
+                if len(state.skips) < MAX_SKIPS_LISTED:
+                    state.skips.append({"step": state.step + 1, "loss": _finite_or_none(loss.item()),
+                                        "grad_norm": _finite_or_none(grad_norm.item()),
+                                        "threshold": _finite_or_none(threshold)})
                 if skips_in_a_row >= max_skips_in_a_row:
                     # the skipped steps left the weights as the last step taken made them: keep those, as a result
                     state.stopped_by_guard = {
                         "step": state.step + 1, "epoch": state.epoch, "skipped_in_a_row": skips_in_a_row,
                         "reason": f"{skips_in_a_row} steps in a row had a non-finite loss or a gradient norm "
-                                  f"above {skip_grad_norm:g} (last loss {loss.item():.4g}, gradient norm "
+                                  f"above {threshold:g} (last loss {loss.item():.4g}, gradient norm "
                                   f"{grad_norm.item():.4g})"}
             state.step += 1
             state.pos += batch_size
@@ -981,7 +1000,7 @@ def positive_float(text):
 
 
 def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval_samples=5000,
-                skip_grad_norm=math.inf):
+                skip_grad_norm=math.inf, skip_grad_ratio=math.inf):
     """The flags every modelNN.py keeps; the script adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     p.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
@@ -1012,6 +1031,9 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
                         "(0 = off)")
     p.add_argument("--skip-grad-norm", type=float, default=skip_grad_norm,
                    help="skip (and count) a step whose gradient norm exceeds this, as well as any non-finite step")
+    p.add_argument("--skip-grad-ratio", type=positive_float, default=skip_grad_ratio,
+                   help=f"also skip a step whose gradient norm exceeds this many times the median of the last "
+                        f"{GRAD_NORM_WINDOW} steps taken (inf = off): one outlier step can wreck Adam's weights")
     p.add_argument("--max-skips", type=positive_int, default=100, help="stop the run after this many skipped steps in a row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0,
@@ -1035,7 +1057,7 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit",
+RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples", "eval_limit",
                      "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
                      "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last",
                      "s_sweep", "s_sweep_images"}
@@ -1076,6 +1098,11 @@ def balance_stats(model, x, eval_pmf, batch_size=500):
             "mean_log_scale": None if None in spread else sum(spread) / len(x),  # None: p(x|z) has no scale
             "active_units": [int((m.var(0) > ACTIVE_UNIT_THRESHOLD).sum()) for m in layer_means],
             "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}
+
+
+def _finite_or_none(value):
+    """JSON has no infinity or NaN: such a number (an unset threshold, a non-finite loss) is written as null."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def resume_command(script, argv):
@@ -1134,6 +1161,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         state = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
                       lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
                       config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
+                      skip_grad_ratio=args.skip_grad_ratio,
                       max_skips_in_a_row=args.max_skips, checkpoint_minutes=args.checkpoint_minutes,
                       time_limit_minutes=args.time_limit, epoch_end=epoch_end, compile=args.compile,
                       compile_mode="reduce-overhead" if device.type == "cuda" else None,
@@ -1169,7 +1197,9 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         "k": train_config["k"], "epochs": train_config["epochs"], "epochs_completed": state.epoch,
         "steps": state.step, "planned_steps": planned_steps, "shortened": state.step < planned_steps,
         "batch_size": train_config["batch_size"], "lr": train_config["lr"], "schedule": train_config["schedule"],
-        "seed": train_config["seed"], "skipped_steps": state.skipped_steps,
+        "seed": train_config["seed"], "skipped_steps": state.skipped_steps, "skips": state.skips,
+        "skip_grad_norm": _finite_or_none(train_config.get("skip_grad_norm")),
+        "skip_grad_ratio": _finite_or_none(train_config.get("skip_grad_ratio")),
         "train_seconds": round(state.train_seconds, 1), "train_device": train_config["device"],
         "train_segments": state.segments, "test_curve_images": train_config.get("curve_images", 0),
         "test_curve": [dict(zip(("epoch", "step", "elbo_nats", "rate_nats", "distortion_nats"), row))

@@ -1,6 +1,6 @@
 """Chapter 4: a mixture of discretized logistics with autoregression over R, G, B (PixelCNN++).
 
-What changed since model04: the observation model again. One logistic per sub-pixel, independent
+What changed since model03: the observation model again. One logistic per sub-pixel, independent
 across channels, cannot say "this pixel is either dark blue or light grey", nor that a pixel's green
 goes with its red. PixelCNN++ (Salimans et al. 2017, sec. 2.1-2.2) gives each pixel a mixture of K
 components, and within a component lets the mean of G move with the value of R, and B's with R and G.
@@ -8,7 +8,7 @@ No bound on the variance: only PixelCNN++'s floor on the log-scale (LOG_SCALE_MI
 
     objective:  L_k(x) = E log (1/k) sum_i P(x | z_i) p(z_i) / q(z_i|x),
     P(x_pixel|z) = sum_j pi_j DL(r; mu_jr, s_jr) DL(g; mu_jg + a_j r, s_jg) DL(b; mu_jb + b_j r + c_j g, s_jb)
-    with DL the discretized logistic of model04 and (a_j, b_j, c_j) = tanh(decoder output).
+    with DL the discretized logistic of model03 and (a_j, b_j, c_j) = tanh(decoder output).
 
 Run:  python model04.py --data-dir ../shared/data
 It writes assets/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
@@ -111,7 +111,8 @@ class VAE(common.OneLayerVAE):
 def parser():
     p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM,
+                           skip_grad_ratio=common.MIXTURE_SKIP_GRAD_RATIO)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
                    help="mixture components per pixel")

@@ -219,7 +219,8 @@ class VAE(HierarchicalVAE):
 def parser():
     p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM,
+                           skip_grad_ratio=common.MIXTURE_SKIP_GRAD_RATIO)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--layers", type=common.positive_int, default=LAYERS,
                    help="stochastic layers (the top half, rounded up, at 4x4, the rest at 8x8)")
