@@ -823,7 +823,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
             for group in optimizer.param_groups:
                 group["lr"] = lr
             threshold = skip_grad_norm
-            if len(state.recent_grad_norms) >= GRAD_NORM_WINDOW:
+            if math.isfinite(skip_grad_ratio) and len(state.recent_grad_norms) >= GRAD_NORM_WINDOW:
                 threshold = min(threshold, skip_grad_ratio * statistics.median(state.recent_grad_norms))
             loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, threshold)
             if stepped:
