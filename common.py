@@ -588,7 +588,10 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
     chunk = min(num_samples, max_rows)
     images_per_batch = max(1, max_rows // chunk)
     lse_fn = _evaluation_fn(model, compile)
-    out = []
+    # One preallocated result, not a list of small tensors: holding thousands of small tensors made the compiled
+    # evaluation's memory grow by about 5 MB per image (model04, 2 CPU threads: 24 GB after 5000 test images).
+    out = torch.empty(len(x), dtype=torch.float64)
+    done = 0
     bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False,
                dynamic_ncols=True)
     for xb in x.split(images_per_batch):
@@ -596,10 +599,11 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
         lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
         for start in range(0, num_samples, chunk):
             lse = torch.logaddexp(lse, lse_fn(model, xb, min(chunk, num_samples - start), eval_pmf, encoding).double())
-        out.append((lse - math.log(num_samples)).cpu())
+        out[done:done + len(xb)] = lse - math.log(num_samples)
+        done += len(xb)
         bar.update(len(xb))
     bar.close()
-    return torch.cat(out)
+    return out
 
 
 def mean_and_stderr(values):
@@ -793,6 +797,8 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = epochs * steps_per_epoch
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
+    if state.step >= last_step:  # a finished run resumed (to evaluate it again): no new training segment
+        return state
     skips_in_a_row, running, last_save = 0, [], time.time()
     loss_fn = compiled(training_loss(model, k), compile, "training", compile_mode)
     segment = {"start": _now(), "end": None, "first_step": state.step, "last_step": state.step,
