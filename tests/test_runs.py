@@ -37,6 +37,10 @@ def test_time_limit_stops_cleanly_and_resume_finishes(mnist_dir, tmp_path, capsy
     first, second = res["train_segments"]
     assert first["first_step"] == 0 and first["last_step"] == second["first_step"] and second["last_step"] == 8
     assert all(s["hardware"].startswith("CPU") and s["end"] for s in res["train_segments"])
+    # resuming the finished run evaluates it again without a new (empty) training segment
+    assert model01.main(argv) == 0
+    again = json.loads((out / "model01_results.json").read_text())
+    assert again["train_segments"] == res["train_segments"] and again["steps"] == 8
 
 
 def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
