@@ -778,7 +778,7 @@ def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
 def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
           max_steps=None, skip_grad_norm=math.inf, skip_grad_ratio=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
           time_limit_minutes=None, epoch_end=None, compile=False, compile_mode=None, channels_last=False,
-          hardware="", log_every=100, progress=True):
+          hardware="", command="", log_every=100, progress=True):
     """Maximise the IWAE bound with Adam, batch by batch, until `epochs` epochs or `max_steps` steps, or
     until `time_limit_minutes` of this sitting have passed (then the checkpoint is written and the caller
     sees state.step short of the end).
@@ -789,7 +789,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     and listed in state.skips; `max_skips_in_a_row` skips in a row stop the run. Checkpoints: every `checkpoint_minutes`, at the
     end, at the time limit and on Ctrl-C; `state` resumes exactly (the epoch's order, the position in it,
     the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple goes into state.test_curve.
-    Each sitting is recorded in state.segments.
+    Each sitting is recorded in state.segments, with `command`, the command line that ran it.
     """
     device = next(model.parameters()).device
     train_x = data.train.to(device)
@@ -802,7 +802,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     skips_in_a_row, running, last_save = 0, [], time.time()
     loss_fn = compiled(training_loss(model, k), compile, "training", compile_mode)
     segment = {"start": _now(), "end": None, "first_step": state.step, "last_step": state.step,
-               "seconds": 0.0, "hardware": hardware}
+               "seconds": 0.0, "hardware": hardware, "command": command}
     state.segments.append(segment)
     bar = tqdm(total=last_step, initial=min(state.step, last_step), desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
@@ -1160,6 +1160,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     x_test = data.test[:args.eval_limit] if args.eval_limit else data.test
     x_test = to_device(data.test_batch(x_test), device, channels_last)
     hardware = hardware_name(device)
+    command = "python " + " ".join([script, *argv])
 
     if not args.eval_only:
         curve_x = to_device(data.test_batch(data.test[:args.curve_images]), device, channels_last)
@@ -1171,7 +1172,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                       max_skips_in_a_row=args.max_skips, checkpoint_minutes=args.checkpoint_minutes,
                       time_limit_minutes=args.time_limit, epoch_end=epoch_end, compile=args.compile,
                       compile_mode="reduce-overhead" if device.type == "cuda" else None,
-                      channels_last=channels_last, hardware=hardware)
+                      channels_last=channels_last, hardware=hardware, command=command)
         if state.stopped_by_guard is None and state.step < min(planned_steps, args.max_steps or planned_steps):
             print(f"{name}: stopped at the time limit after step {state.step} of {planned_steps} (epoch "
                   f"{state.epoch}); saved {ckpt_path}. Resume with:\n  {resume_command(script, argv)}")
@@ -1212,7 +1213,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
                        for row in state.test_curve],
         "test_balance": balance, "s_sweep": s_sweep,
         "device": str(device), "hardware": hardware, "torch_version": torch.__version__,
-        "command": "python " + " ".join([script, *argv]), "eval_only": args.eval_only,
+        "command": command, "eval_only": args.eval_only,
         "samples_mean": mean_how, "finished": _now(),
     }
     if state.stopped_by_guard is not None:

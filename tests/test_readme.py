@@ -41,8 +41,18 @@ def how(r, full_epochs=None):
         epochs += f" (the paper's {full_epochs}, compressed)"
     elif full_epochs:
         epochs += f" (batch {r['batch_size']}, {r['schedule']} schedule)"
-    return (f"{epochs} | {r['steps']} | {r['train_seconds'] / 60:.0f} min | {r['hardware']} | "
-            f"`{r['command']}`")
+    return f"{epochs} | {r['steps']} | {r['train_seconds'] / 60:.0f} min | {r['hardware']} | {commands(r)}"
+
+
+def commands(r):
+    """The command that wrote the results; where the sittings recorded theirs (train_segments), each sitting's
+    command first, so that a run resumed across sittings or evaluated by a later --resume shows how it was trained."""
+    trained = [s.get("command") for s in r["train_segments"]]
+    if not any(trained) or trained == [r["command"]]:
+        return f"`{r['command']}`"
+    sittings = "; ".join(f"`{c}`" if c else "(this sitting's command was not recorded)" for c in trained)
+    text = f"trained in {len(trained)} sitting{'s' * (len(trained) > 1)}: {sittings}"
+    return text if trained[-1] == r["command"] else f"{text}; evaluated by `{r['command']}`"
 
 
 def render_model01():
@@ -229,6 +239,19 @@ def test_every_results_file_is_in_the_readme():
             r = load(file[:-len("_results.json")])
             number = f"{r['test_bpd']:.3f}" if "test_bpd" in r else f"{r['test_llh_nats']:.2f}"
             assert number in text, f"{file}: {number} is not in README.md"
+
+
+def test_a_run_of_several_sittings_shows_each_sittings_command():
+    one = {"command": "python m.py --epochs 9", "train_segments": [{"command": "python m.py --epochs 9"}]}
+    assert commands(one) == "`python m.py --epochs 9`"
+    old = {"command": "python m.py --resume", "train_segments": [{}, {}]}  # results from before segments had commands
+    assert commands(old) == "`python m.py --resume`"
+    run = {"command": "python m.py --resume", "train_segments": [
+        {}, {"command": "python m.py --resume --time-limit 9"}, {"command": "python m.py --resume"}]}
+    assert commands(run) == ("trained in 3 sittings: (this sitting's command was not recorded); "
+                             "`python m.py --resume --time-limit 9`; `python m.py --resume`")
+    evaluated_later = {"command": "python m.py --resume", "train_segments": [{"command": "python m.py"}]}
+    assert commands(evaluated_later) == "trained in 1 sitting: `python m.py`; evaluated by `python m.py --resume`"
 
 
 def test_every_check_is_of_the_shipped_checkpoint():

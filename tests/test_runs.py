@@ -37,6 +37,8 @@ def test_time_limit_stops_cleanly_and_resume_finishes(mnist_dir, tmp_path, capsy
     first, second = res["train_segments"]
     assert first["first_step"] == 0 and first["last_step"] == second["first_step"] and second["last_step"] == 8
     assert all(s["hardware"].startswith("CPU") and s["end"] for s in res["train_segments"])
+    assert first["command"].startswith("python model01.py --data-dir") and "--time-limit 0.000001" in first["command"]
+    assert second["command"] == "python model01.py " + " ".join(argv) == res["command"]
     # resuming the finished run evaluates it again without a new (empty) training segment
     assert model01.main(argv) == 0
     again = json.loads((out / "model01_results.json").read_text())
