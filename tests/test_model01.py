@@ -97,7 +97,7 @@ def test_help_states_defaults():
                           timeout=600)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    for expected in ["--eval-samples", "(default: 5000)", "(default: 2000)", "(default: 5)", "{dynamic,static}"]:
+    for expected in ["--eval-samples", "(default: 5000)", "(default: 1500)", "(default: 5)", "{dynamic,static}"]:
         assert expected in text
 
 
