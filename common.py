@@ -1106,6 +1106,34 @@ def balance_stats(model, x, eval_pmf, batch_size=500):
             "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}
 
 
+IMAGE_STATS_IMAGES = 1000  # test images, and as many draws from the prior, for image_stats
+
+
+def roughness(x):
+    """How speckled each image of x (N, C, H, W) in [0, 1] is: the mean absolute difference between
+    neighbouring pixels (right and below), in 8-bit levels (0 .. 255). (N,)"""
+    across = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1)
+    down = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1)
+    return torch.cat([across, down], 1).mean(1) * 255
+
+
+@torch.no_grad()
+def image_stats(model, x, eval_pmf, batch_size=100):
+    """Whether the images p(x|z) gives look like the data, in one number each: the roughness (mean and standard
+    error over images) of the test images x, of the reconstructions' means (z ~ q(z|x)), of the samples' means
+    (z ~ p(z), as many as x) and of draws from p(x|z) for the same z, all clamped to [0, 1] as the grids are."""
+    model.eval()
+    found = {"data": [], "reconstruction_means": [], "sample_means": [], "draws": []}
+    for xb in x.split(batch_size):
+        px_z = model.generate(len(xb), eval_pmf)
+        for key, images in [("data", xb), ("reconstruction_means", observation_mean(model.reconstruct(xb, eval_pmf))[0]),
+                            ("sample_means", observation_mean(px_z)[0]), ("draws", px_z.sample())]:
+            found[key].append(roughness(images.float().clamp(0, 1)))
+    stats = {key: mean_and_stderr(torch.cat(values)) for key, values in found.items()}
+    return {"roughness_levels": {key: mean for key, (mean, _) in stats.items()},
+            "roughness_stderr": {key: stderr for key, (_, stderr) in stats.items()}, "images": len(x)}
+
+
 def _finite_or_none(value):
     """JSON has no infinity or NaN: such a number (an unset threshold, a non-finite loss) is written as null."""
     return value if value is None or math.isfinite(value) else None
@@ -1195,6 +1223,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     mean_how = save_grids(model, x_test[:64], args.out_dir, name, eval_pmf)
     if extra_grids is not None:
         extra_grids(model, args.out_dir, name, eval_pmf)
+    stats_x = to_device(data.test_batch(data.test[:IMAGE_STATS_IMAGES]), device, channels_last)
+    texture = image_stats(model, stats_x, eval_pmf)
     plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
 
     results = {
@@ -1211,7 +1241,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         "train_segments": state.segments, "test_curve_images": train_config.get("curve_images", 0),
         "test_curve": [dict(zip(("epoch", "step", "elbo_nats", "rate_nats", "distortion_nats"), row))
                        for row in state.test_curve],
-        "test_balance": balance, "s_sweep": s_sweep,
+        "test_balance": balance, "image_stats": texture, "s_sweep": s_sweep,
         "device": str(device), "hardware": hardware, "torch_version": torch.__version__,
         "command": command, "eval_only": args.eval_only,
         "samples_mean": mean_how, "finished": _now(),

@@ -64,6 +64,13 @@ def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
     assert math.isfinite(b["mean_log_scale"])
     assert [s["S"] for s in res["s_sweep"]] == [1, 3] and all(s["images"] == 4 for s in res["s_sweep"])
     assert (out / "colour_curves.png").stat().st_size > 0
+    t = res["image_stats"]
+    fake_test = data.load_cifar10(str(cifar_bin_dir), download=False).test
+    assert t["images"] == min(len(fake_test), common.IMAGE_STATS_IMAGES)
+    assert t["roughness_levels"]["data"] == pytest.approx(
+        common.roughness(fake_test[:t["images"]].float() / 255).double().mean().item(), rel=1e-5)
+    assert set(t["roughness_levels"]) == {"data", "reconstruction_means", "sample_means", "draws"}
+    assert all(0 <= v <= 255 for v in t["roughness_levels"].values())
 
 
 def test_active_units_count_only_units_whose_mean_moves():
@@ -77,6 +84,38 @@ def test_active_units_count_only_units_whose_mean_moves():
     x = torch.randint(0, 256, (50, 3, 32, 32)).float() / 255
     stats = common.balance_stats(model, x, eval_pmf=True)
     assert stats["active_units"] == [64]
+
+
+def test_roughness_is_the_mean_step_between_neighbouring_pixels_in_levels():
+    flat = torch.full((1, 3, 4, 4), 0.5)
+    stripes = torch.zeros(1, 1, 4, 4)
+    stripes[..., 1::2] = 1.0  # columns alternate 0, 1: every step across is 255 levels, every step down 0
+    across, down = 3 * 4, 4 * 3  # neighbouring pairs
+    assert common.roughness(flat).tolist() == [0.0]
+    assert common.roughness(stripes).item() == pytest.approx(255 * across / (across + down))
+    assert common.roughness(torch.cat([flat[:, :1], stripes])).tolist() == pytest.approx([0.0, 127.5])
+
+
+class ConstantNoise(torch.nn.Module):
+    """p(x|z): the same wide logistic around grey for every z, so its means are flat and its draws speckled."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def generate(self, n, eval_pmf=False):
+        return common.DiscretizedLogistic(torch.full((n, 3, 8, 8), 0.5), torch.full((n, 3, 8, 8), -2.0))
+
+    def reconstruct(self, x, eval_pmf=False):
+        return self.generate(len(x))
+
+
+def test_image_stats_tell_means_from_draws():
+    x = torch.rand(30, 3, 8, 8)
+    t = common.image_stats(ConstantNoise(), x, eval_pmf=True, batch_size=7)
+    levels = t["roughness_levels"]
+    assert t["images"] == 30 and levels["data"] == pytest.approx(common.roughness(x).mean().item(), rel=1e-5)
+    assert levels["sample_means"] == pytest.approx(0, abs=1e-3) and levels["reconstruction_means"] == pytest.approx(0, abs=1e-3)
+    assert levels["draws"] > 20 and t["roughness_stderr"]["draws"] < 2
 
 
 def test_hold_decay_schedule_has_the_same_shape_at_any_length():
