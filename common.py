@@ -1106,7 +1106,7 @@ def balance_stats(model, x, eval_pmf, batch_size=500):
             "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}
 
 
-IMAGE_STATS_IMAGES = 1000  # test images, and as many draws from the prior, for image_stats
+IMAGE_STATS_IMAGES = 1000  # at most this many of the evaluated test images, and as many prior draws, for image_stats
 
 
 def roughness(x):
@@ -1223,8 +1223,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     mean_how = save_grids(model, x_test[:64], args.out_dir, name, eval_pmf)
     if extra_grids is not None:
         extra_grids(model, args.out_dir, name, eval_pmf)
-    stats_x = to_device(data.test_batch(data.test[:IMAGE_STATS_IMAGES]), device, channels_last)
-    texture = image_stats(model, stats_x, eval_pmf)
+    texture = image_stats(model, x_test[:IMAGE_STATS_IMAGES], eval_pmf)
     plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
 
     results = {

@@ -214,7 +214,30 @@ def render_checks():
     return "\n".join(lines)
 
 
-TABLES = {"checks": render_checks, "balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
+IMAGE_STATS = os.path.join("assets", "image_stats")  # --eval-only runs for image_stats: NAME_eval_only.json
+
+
+def render_roughness():
+    """How speckled the data and each model's images are (image_stats of assets/image_stats/NAME_eval_only.json):
+    mean absolute step between neighbouring pixels, in 8-bit levels, ± its standard error over images."""
+    found = json_files(IMAGE_STATS, "_eval_only.json")
+    if not found:
+        return "none yet"
+    keys = ["data", "reconstruction_means", "sample_means", "draws"]
+    lines = ["| run | test images | reconstructions' means | samples' means (z ~ p(z)) | draws from p(x\\|z) | "
+             "draws / test images | images | command |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(found, key=lambda item: ROW_ORDER.index(item[0])):
+        t = r["image_stats"]
+        cells = [f"{t['roughness_levels'][k]:.1f} ± {t['roughness_stderr'][k]:.1f}" for k in keys]
+        ratio = t["roughness_levels"]["draws"] / t["roughness_levels"]["data"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} | {t['images']} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+ROW_ORDER = ["model01"] + [row[0] for row in COLOUR_ROWS]
+
+
+TABLES = {"roughness": render_roughness, "checks": render_checks, "balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
 
 
 def blocks(text):
@@ -239,6 +262,14 @@ def test_every_results_file_is_in_the_readme():
             r = load(file[:-len("_results.json")])
             number = f"{r['test_bpd']:.3f}" if "test_bpd" in r else f"{r['test_llh_nats']:.2f}"
             assert number in text, f"{file}: {number} is not in README.md"
+
+
+def test_every_image_stats_run_is_of_the_shipped_checkpoint():
+    for name, r in json_files(IMAGE_STATS, "_eval_only.json"):
+        run = load(name)
+        assert run is not None, f"{IMAGE_STATS}/{name}_eval_only.json has no assets/{name}_results.json"
+        assert r["eval_only"] and r["train_segments"] == run["train_segments"], \
+            f"{IMAGE_STATS}/{name}_eval_only.json is of another checkpoint than assets/{name}_*: re-run it or delete it"
 
 
 def test_a_run_of_several_sittings_shows_each_sittings_command():

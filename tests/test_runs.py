@@ -66,7 +66,7 @@ def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
     assert (out / "colour_curves.png").stat().st_size > 0
     t = res["image_stats"]
     fake_test = data.load_cifar10(str(cifar_bin_dir), download=False).test
-    assert t["images"] == min(len(fake_test), common.IMAGE_STATS_IMAGES)
+    assert t["images"] == res["eval_images"] == 6  # the evaluated test images (at most IMAGE_STATS_IMAGES)
     assert t["roughness_levels"]["data"] == pytest.approx(
         common.roughness(fake_test[:t["images"]].float() / 255).double().mean().item(), rel=1e-5)
     assert set(t["roughness_levels"]) == {"data", "reconstruction_means", "sample_means", "draws"}
