@@ -237,7 +237,9 @@ def render_roughness():
 ROW_ORDER = ["model01"] + [row[0] for row in COLOUR_ROWS]
 
 
-TABLES = {"roughness": render_roughness, "checks": render_checks, "balance": render_balance, "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed, "defaults": render_defaults}
+TABLES = {"roughness": render_roughness, "checks": render_checks, "balance": render_balance,
+          "s_sweep": render_s_sweep, "model01": render_model01, "colour": render_colour, "speed": render_speed,
+          "defaults": render_defaults}
 
 
 def blocks(text):
