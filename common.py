@@ -1227,7 +1227,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     plot_history(state.history, os.path.join(args.out_dir, f"{name}_curve.png"), f"{name} on {data.name}")
 
     results = {
-        "model": name, "dataset": data.name, "test_llh_nats": llh_nats, "test_llh_stderr": llh_stderr,
+        "model": name, "dataset": data.name, "parameters": sum(p.numel() for p in model.parameters()),
+        "test_llh_nats": llh_nats, "test_llh_stderr": llh_stderr,
         "eval_samples": args.eval_samples, "eval_images": len(x_test), "eval_seconds": round(eval_seconds, 1),
         "eval_hardware": hardware, "eval_compiled": args.compile,
         "k": train_config["k"], "epochs": train_config["epochs"], "epochs_completed": state.epoch,

@@ -64,6 +64,7 @@ def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
     assert math.isfinite(b["mean_log_scale"])
     assert [s["S"] for s in res["s_sweep"]] == [1, 3] and all(s["images"] == 4 for s in res["s_sweep"])
     assert (out / "colour_curves.png").stat().st_size > 0
+    assert res["parameters"] == sum(p.numel() for p in model03.VAE(model03.LogisticObservation()).parameters())
     t = res["image_stats"]
     fake_test = data.load_cifar10(str(cifar_bin_dir), download=False).test
     assert t["images"] == res["eval_images"] == 6  # the evaluated test images (at most IMAGE_STATS_IMAGES)
