@@ -1083,7 +1083,8 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015, sec. 5.2: unit u is active if
 @torch.no_grad()
 def balance_stats(model, x, eval_pmf, batch_size=500):
     """What the story's explanation is about, on x (nats per image): the ELBO (k = 1) split into the rate
-    KL(q(z|x) || p(z)) (one sample, in all and per stochastic layer, bottom first) and the distortion
+    KL(q(z|x) || p(z)) (one sample, in all and per stochastic layer, bottom first; per layer also the median
+    and the largest over images) and the distortion
     -E log p(x|z); the mean log-scale (log-std for a Gaussian) that p(x|z) predicts for z ~ q(z|x); and the
     active units per layer (ACTIVE_UNIT_THRESHOLD)."""
     model.eval()
@@ -1101,6 +1102,9 @@ def balance_stats(model, x, eval_pmf, batch_size=500):
     return {"elbo_nats": -(rate + distortion).mean().item(), "rate_nats": rate.mean().item(),
             "distortion_nats": distortion.mean().item(),
             "rate_per_layer_nats": torch.cat(rate_layers).double().mean(0).tolist(),
+            # a mean of one-sample rates can be ruled by one rare draw (model05's mixture); these show it
+            "rate_per_layer_median_nats": torch.cat(rate_layers).double().median(0).values.tolist(),
+            "rate_per_layer_max_nats": torch.cat(rate_layers).double().max(0).values.tolist(),
             "mean_log_scale": None if None in spread else sum(spread) / len(x),  # None: p(x|z) has no scale
             "active_units": [int((m.var(0) > ACTIVE_UNIT_THRESHOLD).sum()) for m in layer_means],
             "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}

@@ -87,6 +87,31 @@ def test_active_units_count_only_units_whose_mean_moves():
     assert stats["active_units"] == [64]
 
 
+class RareHugeRate(torch.nn.Module):
+    """Two stochastic layers whose one-sample rates are read off the image: layer 1 is 10 nats but 10^6 for one
+    image; layer 2 is the image's index."""
+    def log_weight_parts(self, x, k, eval_pmf=False):
+        index = x[:, 0, 0, 0]
+        bottom = torch.where(index == 3, 1e6, 10.0)
+        rate_layers = torch.stack([bottom, index], -1)[None]  # (1, B, 2)
+        return {"log_qz_x": rate_layers.sum(-1), "log_pz": torch.zeros(1, len(x)), "log_px_z": torch.zeros(1, len(x)),
+                "rate_layers": rate_layers}
+
+    def reconstruct(self, x, eval_pmf=False):
+        return common.Gaussian(x, torch.zeros_like(x))
+
+    def posterior_means(self, x):
+        return [x.flatten(1)[:, :2], x.flatten(1)[:, :1]]
+
+
+def test_balance_reports_median_and_largest_rate_beside_the_mean():
+    x = torch.arange(9.0)[:, None, None, None].expand(9, 1, 2, 2)
+    b = common.balance_stats(RareHugeRate(), x, eval_pmf=False, batch_size=4)
+    assert b["rate_per_layer_nats"] == pytest.approx([(8 * 10 + 1e6) / 9, 4.0])
+    assert b["rate_per_layer_median_nats"] == [10.0, 4.0] and b["rate_per_layer_max_nats"] == [1e6, 8.0]
+    assert b["rate_nats"] == pytest.approx(sum(b["rate_per_layer_nats"]))
+
+
 def test_roughness_is_the_mean_step_between_neighbouring_pixels_in_levels():
     flat = torch.full((1, 3, 4, 4), 0.5)
     stripes = torch.zeros(1, 1, 4, 4)
