@@ -224,8 +224,8 @@ def render_roughness():
     if not found:
         return "none yet"
     keys = ["data", "reconstruction_means", "sample_means", "draws"]
-    lines = ["| run | test images | reconstructions' means | samples' means (z ~ p(z)) | draws from p(x\\|z) | "
-             "draws / test images | images | command |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | data (test images) | reconstructions' means | samples' means (z ~ p(z)) | draws from p(x\\|z) | "
+             "draws / data | images | command |", "|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(found, key=lambda item: ROW_ORDER.index(item[0])):
         t = r["image_stats"]
         cells = [f"{t['roughness_levels'][k]:.1f} ± {t['roughness_stderr'][k]:.1f}" for k in keys]
