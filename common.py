@@ -1084,9 +1084,8 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015, sec. 5.2: unit u is active if
 def balance_stats(model, x, eval_pmf, batch_size=500):
     """What the story's explanation is about, on x (nats per image): the ELBO (k = 1) split into the rate
     KL(q(z|x) || p(z)) (one sample, in all and per stochastic layer, bottom first; per layer also the median
-    and the largest over images) and the distortion
-    -E log p(x|z); the mean log-scale (log-std for a Gaussian) that p(x|z) predicts for z ~ q(z|x); and the
-    active units per layer (ACTIVE_UNIT_THRESHOLD)."""
+    and the largest over images) and the distortion -E log p(x|z); the mean log-scale (log-std for a Gaussian)
+    that p(x|z) predicts for z ~ q(z|x); and the active units per layer (ACTIVE_UNIT_THRESHOLD)."""
     model.eval()
     rate, rate_layers, distortion, spread, means = [], [], [], [], []
     for xb in x.split(batch_size):
@@ -1098,19 +1097,20 @@ def balance_stats(model, x, eval_pmf, batch_size=500):
         spread.append(px_z.mean_log_scale().item() * len(xb) if hasattr(px_z, "mean_log_scale") else None)
         means.append(model.posterior_means(xb))
     rate, distortion = torch.cat(rate).double(), torch.cat(distortion).double()
+    rate_layers = torch.cat(rate_layers).double()  # (N, L)
     layer_means = [torch.cat(layer).flatten(1) for layer in zip(*means)]  # per layer: (N, D_i)
     return {"elbo_nats": -(rate + distortion).mean().item(), "rate_nats": rate.mean().item(),
             "distortion_nats": distortion.mean().item(),
-            "rate_per_layer_nats": torch.cat(rate_layers).double().mean(0).tolist(),
+            "rate_per_layer_nats": rate_layers.mean(0).tolist(),
             # a mean of one-sample rates can be ruled by one rare draw (model05's mixture); these show it
-            "rate_per_layer_median_nats": torch.cat(rate_layers).double().median(0).values.tolist(),
-            "rate_per_layer_max_nats": torch.cat(rate_layers).double().max(0).values.tolist(),
+            "rate_per_layer_median_nats": rate_layers.median(0).values.tolist(),
+            "rate_per_layer_max_nats": rate_layers.max(0).values.tolist(),
             "mean_log_scale": None if None in spread else sum(spread) / len(x),  # None: p(x|z) has no scale
             "active_units": [int((m.var(0) > ACTIVE_UNIT_THRESHOLD).sum()) for m in layer_means],
             "latent_units": [m.shape[1] for m in layer_means], "images": len(x)}
 
 
-IMAGE_STATS_IMAGES = 1000  # at most this many of the evaluated test images, and as many prior draws, for image_stats
+IMAGE_STATS_IMAGES = 1000  # image_stats: at most this many of the evaluated test images, as many prior draws
 
 
 def roughness(x):
@@ -1130,8 +1130,10 @@ def image_stats(model, x, eval_pmf, batch_size=100):
     found = {"data": [], "reconstruction_means": [], "sample_means": [], "draws": []}
     for xb in x.split(batch_size):
         px_z = model.generate(len(xb), eval_pmf)
-        for key, images in [("data", xb), ("reconstruction_means", observation_mean(model.reconstruct(xb, eval_pmf))[0]),
-                            ("sample_means", observation_mean(px_z)[0]), ("draws", px_z.sample())]:
+        recs, _ = observation_mean(model.reconstruct(xb, eval_pmf))
+        means, _ = observation_mean(px_z)
+        for key, images in [("data", xb), ("reconstruction_means", recs), ("sample_means", means),
+                            ("draws", px_z.sample())]:
             found[key].append(roughness(images.float().clamp(0, 1)))
     stats = {key: mean_and_stderr(torch.cat(values)) for key, values in found.items()}
     return {"roughness_levels": {key: mean for key, (mean, _) in stats.items()},

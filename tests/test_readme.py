@@ -271,7 +271,7 @@ def test_every_image_stats_run_is_of_the_shipped_checkpoint():
         run = load(name)
         assert run is not None, f"{IMAGE_STATS}/{name}_eval_only.json has no assets/{name}_results.json"
         assert r["eval_only"] and r["train_segments"] == run["train_segments"], \
-            f"{IMAGE_STATS}/{name}_eval_only.json is of another checkpoint than assets/{name}_*: re-run it or delete it"
+            f"{IMAGE_STATS}/{name}_eval_only.json is of another checkpoint than assets/{name}_*: re-run or delete it"
 
 
 def test_a_run_of_several_sittings_shows_each_sittings_command():

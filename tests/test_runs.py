@@ -94,8 +94,8 @@ class RareHugeRate(torch.nn.Module):
         index = x[:, 0, 0, 0]
         bottom = torch.where(index == 3, 1e6, 10.0)
         rate_layers = torch.stack([bottom, index], -1)[None]  # (1, B, 2)
-        return {"log_qz_x": rate_layers.sum(-1), "log_pz": torch.zeros(1, len(x)), "log_px_z": torch.zeros(1, len(x)),
-                "rate_layers": rate_layers}
+        zeros = torch.zeros(1, len(x))
+        return {"log_qz_x": rate_layers.sum(-1), "log_pz": zeros, "log_px_z": zeros, "rate_layers": rate_layers}
 
     def reconstruct(self, x, eval_pmf=False):
         return common.Gaussian(x, torch.zeros_like(x))
@@ -124,10 +124,6 @@ def test_roughness_is_the_mean_step_between_neighbouring_pixels_in_levels():
 
 class ConstantNoise(torch.nn.Module):
     """p(x|z): the same wide logistic around grey for every z, so its means are flat and its draws speckled."""
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
     def generate(self, n, eval_pmf=False):
         return common.DiscretizedLogistic(torch.full((n, 3, 8, 8), 0.5), torch.full((n, 3, 8, 8), -2.0))
 
