@@ -949,6 +949,14 @@ def plot_history(history, path, title):
     plt.close(fig)
 
 
+def curve_top(curves, jump=2.0):
+    """The top of the y-axis for curves of bits/dim (lower is better): the highest point that is not `jump` or
+    more above its own curve's median, plus a margin. One epoch far off (one of model05 --obs mixture's) would
+    otherwise flatten every curve into a line."""
+    kept = [b for bpd in curves for b in bpd if b < statistics.median(bpd) + jump]
+    return max(kept) + 0.05 * max(max(kept) - min(kept), 0.1)
+
+
 def plot_colour_curves(results_paths, path):
     """One figure with every colour run's per-epoch test ELBO (bits/dim on the fixed test subset). Returns
     the number of curves drawn (none: no figure)."""
@@ -963,15 +971,22 @@ def plot_colour_curves(results_paths, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        ax.plot([row["epoch"] for row in r["test_curve"]], [row["elbo_bpd"] for row in r["test_curve"]],
-                marker=".", lw=1, label=r["model"])
+    curves = [([row["epoch"] for row in r["test_curve"]], [row["elbo_bpd"] for row in r["test_curve"]]) for r in runs]
+    top = curve_top([bpd for _, bpd in curves])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r, (epochs, bpd) in zip(runs, curves):
+        line, = ax.plot(epochs, [min(value, top) for value in bpd], marker=".", lw=1, label=r["model"])
+        for epoch, value in zip(epochs, bpd):
+            if value > top:  # off the scale: drawn at the top edge, with its value
+                ax.plot([epoch], [top], marker="^", color=line.get_color())
+                ax.annotate(f"{value:.1f} (off the scale)", (epoch, top), xytext=(4, -12),
+                            textcoords="offset points", fontsize=7, color=line.get_color(),
+                            bbox=dict(facecolor="white", edgecolor="none", alpha=0.9))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test ELBO, bits/dim (first {runs[0].get('test_curve_images')} test images)")
     ax.set_title(f"colour models on {runs[0]['dataset']} (lower is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no curve hides behind it
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

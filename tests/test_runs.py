@@ -141,6 +141,14 @@ def test_image_stats_tell_means_from_draws():
     assert levels["draws"] > 20 and t["roughness_stderr"]["draws"] < 2
 
 
+def test_one_far_epoch_does_not_set_the_scale_of_the_curves():
+    steady = [6.0, 5.5, 5.2, 5.1, 5.0]
+    spiked = [5.8, 5.0, 37.5, 4.9, 4.8]
+    top = common.curve_top([steady, spiked])
+    assert 6.0 < top < 6.2  # the steady curve's worst point, a margin, and not the spike
+    assert common.curve_top([steady, [5.8, 5.0, 6.9, 4.9, 4.8]]) > 6.9  # a rise of less than 2 bits stays in view
+
+
 def test_hold_decay_schedule_has_the_same_shape_at_any_length():
     for total in (100, 10_000):
         lr = lambda f: common.hold_decay_lr(int(f * total), total, 1e-3)
