@@ -226,15 +226,12 @@ def render_roughness():
     keys = ["data", "reconstruction_means", "sample_means", "draws"]
     lines = ["| run | data (test images) | reconstructions' means | samples' means (z ~ p(z)) | draws from p(x\\|z) | "
              "draws / data | images | command |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in sorted(found, key=lambda item: ROW_ORDER.index(item[0])):
+    for name, r in found:
         t = r["image_stats"]
         cells = [f"{t['roughness_levels'][k]:.1f} ± {t['roughness_stderr'][k]:.1f}" for k in keys]
         ratio = t["roughness_levels"]["draws"] / t["roughness_levels"]["data"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} | {t['images']} | `{r['command']}` |")
     return "\n".join(lines)
-
-
-ROW_ORDER = ["model01"] + [row[0] for row in COLOUR_ROWS]
 
 
 TABLES = {"roughness": render_roughness, "checks": render_checks, "balance": render_balance,
