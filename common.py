@@ -775,7 +775,7 @@ def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
     return loss, grad_norm, stepped
 
 
-def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, state, ckpt_path, config,
+def train(model, optimizer, data, *, batch_size, epochs, loss, lr_at, base_lr, state, ckpt_path, config,
           max_steps=None, skip_grad_norm=math.inf, skip_grad_ratio=math.inf, max_skips_in_a_row=100, checkpoint_minutes=10.0,
           time_limit_minutes=None, epoch_end=None, compile=False, compile_mode=None, channels_last=False,
           hardware="", command="", log_every=100, progress=True):
@@ -800,7 +800,7 @@ def train(model, optimizer, data, *, batch_size, epochs, k, lr_at, base_lr, stat
     if state.step >= last_step:  # a finished run resumed (to evaluate it again): no new training segment
         return state
     skips_in_a_row, running, last_save = 0, [], time.time()
-    loss_fn = compiled(training_loss(model, k), compile, "training", compile_mode)
+    loss_fn = compiled(loss, compile, "training", compile_mode)
     segment = {"start": _now(), "end": None, "first_step": state.step, "last_step": state.step,
                "seconds": 0.0, "hardware": hardware, "command": command}
     state.segments.append(segment)
@@ -1166,10 +1166,11 @@ def resume_command(script, argv):
 
 
 def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, report_bpd, adam_eps=1e-8,
-                   extra_grids=None):
+                   extra_grids=None, objective=None):
     """Seed, build the model, train (or resume, or only load), evaluate log p(x) on the test set, write grids
-    (and `extra_grids(model, out_dir, name, eval_pmf)`, if given) and results. Returns the results dict, or None
-    when --time-limit stopped training before its end."""
+    (and `extra_grids(model, out_dir, name, eval_pmf)`, if given) and results. `objective`: (the function of a
+    model that returns its training loss of a batch, a line that names it for the results); default minus the IWAE
+    bound with --k samples. Returns the results dict, or None when --time-limit stopped training before its end."""
     if args.resume and args.eval_only:
         raise UserError("--resume and --eval-only do not go together: --resume continues training, --eval-only "
                         "evaluates a finished checkpoint. Pass one of them.")
@@ -1204,6 +1205,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
             raise UserError(f"{ckpt_path} holds the checkpoint of an earlier run. Pass --resume to continue it, "
                             f"--overwrite to start afresh (it is replaced), or another --out-dir.")
         state, train_config = TrainState(), config
+    make_loss, objective_name = objective or (lambda m: training_loss(m, args.k), f"IWAE bound, k = {args.k}")
     steps_per_epoch = math.ceil(len(data.train) / train_config["batch_size"])
     planned_steps = train_config["epochs"] * steps_per_epoch
     x_test = data.test[:args.eval_limit] if args.eval_limit else data.test
@@ -1214,7 +1216,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
     if not args.eval_only:
         curve_x = to_device(data.test_batch(data.test[:args.curve_images]), device, channels_last)
         epoch_end = (lambda m: heldout_elbo(m, curve_x, eval_pmf)) if args.curve_images > 0 else None
-        state = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, k=args.k,
+        state = train(model, optimizer, data, batch_size=args.batch_size, epochs=args.epochs, loss=make_loss(model),
                       lr_at=SCHEDULES[args.schedule], base_lr=args.lr, state=state, ckpt_path=ckpt_path,
                       config=config, max_steps=args.max_steps, skip_grad_norm=args.skip_grad_norm,
                       skip_grad_ratio=args.skip_grad_ratio,
@@ -1252,7 +1254,7 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, rep
         "test_llh_nats": llh_nats, "test_llh_stderr": llh_stderr,
         "eval_samples": args.eval_samples, "eval_images": len(x_test), "eval_seconds": round(eval_seconds, 1),
         "eval_hardware": hardware, "eval_compiled": args.compile,
-        "k": train_config["k"], "epochs": train_config["epochs"], "epochs_completed": state.epoch,
+        "k": train_config["k"], "objective": objective_name, "epochs": train_config["epochs"], "epochs_completed": state.epoch,
         "steps": state.step, "planned_steps": planned_steps, "shortened": state.step < planned_steps,
         "batch_size": train_config["batch_size"], "lr": train_config["lr"], "schedule": train_config["schedule"],
         "seed": train_config["seed"], "skipped_steps": state.skipped_steps, "skips": state.skips,

@@ -19,13 +19,27 @@ al. 2016): the Gaussian is then a density on continuous data and its bound canno
 breaks the unbounded model? (Its ELBO on dequantized data, minus D log 255, bounds the discrete
 log-likelihood; the test number is, as for the others, the probability of the 8-bit values.)
 
+`--beta B` is the beta-VAE (Higgins et al. 2017) the original set aside as "equivalent to lower bounding the
+variance": trained on E log N(x; mu, 1) - B KL(q(z|x) || p(z)), the squared error against B times the rate. That is
+B times the ELBO of a Gaussian whose variance is fixed at B, plus a constant (Rybkin et al. 2021), so p(x|z) is
+that Gaussian, N(mu, B), in the grids and the test log-likelihood. Read with a unit variance, the objective bounds
+no likelihood; read with variance B, it is B times a bound.
+
+    beta-VAE:   B * L_1(x) = E -|x - mu(z)|^2 / 2 - B KL(q(z|x) || p(z)) + const,   log sigma^2 = log B fixed
+
 Run:  python model02.py --data-dir ../shared/data            (bounded)
       python model02.py --data-dir ../shared/data --unbounded
       python model02.py --data-dir ../shared/data --unbounded --dequantize
+      python model02.py --data-dir ../shared/data --beta 0.3679   (beta = e^-1, the bounded model's variance floor)
 It writes assets/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
-model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize).
+model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
+with --beta).
 """
 from torch import nn
+
+import math
+
+import torch
 
 import common
 import data
@@ -83,15 +97,18 @@ class Decoder(nn.Module):
 
 
 class GaussianObservation(nn.Module):
-    """p(x|z): a Gaussian per sub-pixel, log-variance bounded by tanh unless `bounded` is False."""
-    def __init__(self, bounded=True, num_bins=data.NUM_BINS):
+    """p(x|z): a Gaussian per sub-pixel, log-variance bounded by tanh unless `bounded` is False, or fixed at
+    log `variance` (the decoder then gives the loc alone) when a variance is given."""
+    def __init__(self, bounded=True, variance=None, num_bins=data.NUM_BINS):
         super().__init__()
-        self.bounded, self.num_bins = bounded, num_bins
+        self.bounded, self.variance, self.num_bins = bounded, variance, num_bins
 
     def num_params(self, channels):
-        return 2 * channels  # loc and a (log-)spread per channel
+        return channels if self.variance else 2 * channels  # loc, and a (log-)spread per channel unless fixed
 
     def forward(self, out):
+        if self.variance:
+            return common.Gaussian(out, torch.full_like(out, math.log(self.variance)), num_bins=self.num_bins)
         loc, raw_log_var = out.chunk(2, dim=-3)  # (*, C, H, W) each
         return common.Gaussian(loc, common.bound_log_var(raw_log_var, self.bounded), num_bins=self.num_bins)
 
@@ -116,20 +133,35 @@ def parser():
     p.add_argument("--dequantize", action="store_true",
                    help="train on uniformly dequantized pixels (Theis et al. 2016): a density on continuous data, "
                         "whose objective bounds the discrete log-likelihood")
+    p.add_argument("--beta", type=common.positive_float, default=None,
+                   help="train the beta-VAE with this weight on the rate and the squared error (variance fixed at "
+                        "beta; see the docstring) instead of the ELBO")
     return p
 
 
 def build_model(args):
-    return VAE(GaussianObservation(bounded=not args.unbounded))
+    return VAE(GaussianObservation(bounded=not args.unbounded, variance=args.beta))
+
+
+def beta_vae_objective(beta):
+    """The beta-VAE's loss as B times minus the ELBO of N(mu, B): |x - mu|^2 / 2 + B KL, up to a constant."""
+    def make_loss(model):
+        return lambda x: -beta * common.iwae_bound(model, x, 1)["bound"].mean()
+    return make_loss, f"beta-VAE, beta = {beta:g}: E log N(x; mu, 1) - beta KL (not a bound on log p(x))"
 
 
 def run(argv):
     args = parser().parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
+    if args.beta is not None and (args.unbounded or args.k != 1):
+        raise common.UserError("--beta fixes the variance at beta and trains on one sample (k = 1): drop "
+                               "--unbounded and --k.")
     images.dequantize_train = args.dequantize
-    name = "model02" + ("_unbounded" if args.unbounded else "") + ("_dequantized" if args.dequantize else "")
+    name = ("model02" + ("_unbounded" if args.unbounded else "") + ("_dequantized" if args.dequantize else "")
+            + (f"_beta{args.beta:g}" if args.beta is not None else ""))
     return common.run_experiment(args, argv, script="model02.py", name=name, data=images, eval_pmf=True,
-                                 report_bpd=True, build_model=lambda: build_model(args))
+                                 report_bpd=True, build_model=lambda: build_model(args),
+                                 objective=beta_vae_objective(args.beta) if args.beta is not None else None)
 
 
 def main(argv=None):

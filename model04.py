@@ -10,11 +10,18 @@ No bound on the variance: only PixelCNN++'s floor on the log-scale (LOG_SCALE_MI
     P(x_pixel|z) = sum_j pi_j DL(r; mu_jr, s_jr) DL(g; mu_jg + a_j r, s_jg) DL(b; mu_jb + b_j r + c_j g, s_jb)
     with DL the discretized logistic of model03 and (a_j, b_j, c_j) = tanh(decoder output).
 
+`--components K` and `--no-autoregression` take the change apart: K = 1 with autoregression, or ten components
+with independent channels (coefficients fixed at 0), each against model03 --unbounded and model04.
+
 Run:  python model04.py --data-dir ../shared/data
+      python model04.py --data-dir ../shared/data --components 1
+      python model04.py --data-dir ../shared/data --no-autoregression
 It writes assets/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
-model04_checkpoint.pt. The grid of samples' means is a Monte Carlo mean (100 draws): the exact mean
+model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). The grid of samples' means is a Monte Carlo mean (100 draws): the exact mean
 of the autoregressive mixture is a sum over 256^3 colours per pixel.
 """
+import argparse
+
 import torch
 from torch import nn
 
@@ -77,23 +84,25 @@ class Decoder(nn.Module):
 
 class MixtureObservation(nn.Module):
     """p(x|z): per pixel, a mixture of K discretized logistics over (R, G, B), with G's mean moving with R
-    and B's with R and G inside each component (PixelCNN++)."""
+    and B's with R and G inside each component (PixelCNN++), or channels independent (`autoregressive` False)."""
 
-    def __init__(self, num_components=NUM_COMPONENTS, num_bins=data.NUM_BINS):
+    def __init__(self, num_components=NUM_COMPONENTS, autoregressive=True, num_bins=data.NUM_BINS):
         super().__init__()
-        self.num_components, self.num_bins = num_components, num_bins
+        self.num_components, self.autoregressive, self.num_bins = num_components, autoregressive, num_bins
 
     def num_params(self, channels):
         if channels != 3:
-            raise common.UserError(f"the RGB autoregression needs 3 channels, the data have {channels}")
-        return self.num_components * (1 + 3 * channels)  # logit, and loc, log-scale, coefficient per channel
+            raise common.UserError(f"the mixture is written for RGB (3 channels); the data have {channels}")
+        per_channel = 3 if self.autoregressive else 2  # loc, log-scale (and a coefficient)
+        return self.num_components * (1 + per_channel * channels)  # and a logit per component
 
     def forward(self, out):
         k = self.num_components
         logits = out[..., :k, :, :]  # (*, K, H, W)
-        params = out[..., k:, :, :].unflatten(-3, (3, k, 3))  # (*, 3, K, C, H, W): loc, log-scale, coefficients
-        loc, log_scale, coeffs = params.unbind(-5)  # (*, K, C, H, W) each
-        return common.DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=LOG_SCALE_MIN), torch.tanh(coeffs),
+        params = out[..., k:, :, :].unflatten(-3, (-1, k, 3))  # (*, 3 or 2, K, C, H, W): loc, log-scale(, coeffs)
+        loc, log_scale, *coeffs = params.unbind(-5)  # (*, K, C, H, W) each
+        coeffs = torch.tanh(coeffs[0]) if self.autoregressive else None
+        return common.DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=LOG_SCALE_MIN), coeffs,
                                                  num_bins=self.num_bins)
 
 
@@ -116,17 +125,20 @@ def parser():
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
                    help="mixture components per pixel")
+    p.add_argument("--autoregression", action=argparse.BooleanOptionalAction, default=True,
+                   help="G's mean moves with R, B's with R and G (PixelCNN++); --no-autoregression: independent channels")
     return p
 
 
 def build_model(args):
-    return VAE(MixtureObservation(args.components))
+    return VAE(MixtureObservation(args.components, args.autoregression))
 
 
 def run(argv):
     args = parser().parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
-    name = "model04"
+    name = ("model04" + (f"_{args.components}component{'s' * (args.components > 1)}" if args.components != NUM_COMPONENTS else "")
+            + ("" if args.autoregression else "_no_autoregression"))
     return common.run_experiment(args, argv, script="model04.py", name=name, data=images, eval_pmf=True,
                                  report_bpd=True, build_model=lambda: build_model(args))
 
