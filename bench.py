@@ -30,6 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import data
+import devices
+import experiment
+import training
 
 CHAPTERS = ["model01", "model02", "model03", "model04", "model05"]
 MATMUL_N = 1024
@@ -81,27 +84,25 @@ def measure(chapter, device, optimized, seconds):
     matmul rate measured just before it."""
     torch.manual_seed(0)
     amp = channels_last = optimized and device.type == "cuda"
-    model = common.configure_device(chapter.build().to(device), device, amp, channels_last)
-    optimizer = common.make_optimizer(model, lr=1e-4)
-    x = common.to_device(fake_batch(chapter, chapter.batch_size, device), device, channels_last)
+    model = devices.configure_device(chapter.build().to(device), device, amp, channels_last)
+    optimizer = training.make_optimizer(model, lr=1e-4)
+    x = devices.to_device(fake_batch(chapter, chapter.batch_size, device), device, channels_last)
     loss_fn = common.training_loss(model, chapter.k)
     model.train()
-    train_flops = count_flops(lambda: common.train_step(model, optimizer, loss_fn, x))
-    fast_loss = common.compiled(loss_fn, optimized, "training",
+    train_flops = count_flops(lambda: training.train_step(model, optimizer, loss_fn, x))
+    fast_loss = devices.Compiled(loss_fn, optimized, "training",
                                 "reduce-overhead" if device.type == "cuda" else None)
     peak_train = matmul_rate(device)
-    n, elapsed = timed(lambda: common.train_step(model, optimizer, fast_loss, x), device, seconds)
+    n, elapsed = timed(lambda: training.train_step(model, optimizer, fast_loss, x), device, seconds)
     train = {"images_per_s": n * len(x) / elapsed, "flops_per_image": train_flops / len(x), "matmul_flops": peak_train}
 
     # evaluation: one batch of images through the real estimator, S samples each, chunked as the script does
     samples, rows = chapter.eval_samples, chapter.eval_max_rows
     images = max(1, rows // min(samples, rows))
-    x_eval = common.to_device(fake_batch(chapter, images, device), device, channels_last)
+    x_eval = devices.to_device(fake_batch(chapter, images, device), device, channels_last)
     estimate = lambda compile: common.estimate_log_likelihood(model, x_eval, samples, rows, chapter.eval_pmf,
                                                               progress=False, compile=compile)
-    with torch.enable_grad():  # the flop counter's module hooks want autograd on; the FLOPs are the same
-        eval_flops = count_flops(lambda: common.estimate_log_likelihood.__wrapped__(
-            model, x_eval, samples, rows, chapter.eval_pmf, progress=False))
+    eval_flops = count_flops(lambda: estimate(False))
     peak_eval = matmul_rate(device)
     n, elapsed = timed(lambda: estimate(optimized), device, seconds, warmup=1)
     pairs = images * samples
@@ -119,7 +120,7 @@ class Chapter:
         self.args = self.module.parser().parse_args([])  # the script's defaults
         self.batch_size, self.k = self.args.batch_size, self.args.k
         self.eval_samples, self.eval_max_rows = self.args.eval_samples, self.args.eval_max_rows
-        self.eval_pmf = name != "model01"  # the colour chapters score the 8-bit values
+        self.eval_pmf = self.module.EVAL_PMF
 
     def build(self):
         return self.module.build_model(self.args)
@@ -144,16 +145,16 @@ def markdown(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common._HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=experiment.HelpFormatter)
     p.add_argument("--models", nargs="+", choices=CHAPTERS, default=None,
                    help="chapters to measure (default: every chapter script present)")
-    p.add_argument("--seconds", type=common.positive_float, default=3.0, help="timed seconds per measurement")
+    p.add_argument("--seconds", type=experiment.positive_float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default=os.path.join("assets", "bench.json"), help="results JSON ('' = none)")
     args = p.parse_args(argv)
     try:
-        device = common.get_device(args.device)
+        device = experiment.get_device(args.device)
     except common.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -170,7 +171,7 @@ def main(argv=None):
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     peaks = [r[key]["matmul_flops"] for r in rows for key in ("train", "eval")]
-    hardware = common.hardware_name(device)
+    hardware = devices.hardware_name(device)
     footer = (f"{hardware}; torch {torch.__version__}; float32 {MATMUL_N}x{MATMUL_N} matmul "
               f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s over the run; {time.time() - t0:.0f} s in all")
     print("\n" + table + "\n\n" + footer)

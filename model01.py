@@ -23,16 +23,18 @@ from torch.distributions import Bernoulli, Independent
 
 import common
 import data
+import experiment
 
 # config: the argparse defaults below (python model01.py --help); the ones that define the paper's run:
 LATENT_DIM = 50  # Burda et al. 2015, sec. 5: one stochastic layer of 50 units
 HIDDEN = 200  # two deterministic layers of 200 tanh units, in encoder and decoder
-EPOCHS = 1500  # with hold-decay (the README's run); the paper: 3280 epochs (common.IWAE_EPOCHS) of its 8-stage schedule
+EPOCHS = 1500  # with hold-decay (the README's run); the paper: 3280 epochs (training.IWAE_EPOCHS = 3280) of its 8-stage schedule
 BATCH_SIZE = 100  # the paper: 20
 SCHEDULE = "hold-decay"  # the paper: "iwae"
 K = 5
 ADAM_EPS = 1e-4  # the paper's Adam: beta1 = 0.9, beta2 = 0.999, eps = 1e-4
 EVAL_SAMPLES = 5000  # importance samples S for the test log-likelihood (the paper's)
+EVAL_PMF = False  # the Bernoulli scores binary pixels as they are
 EVAL_MAX_ROWS = 2500  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 
 
@@ -84,7 +86,7 @@ class VAE(common.OneLayerVAE):
 
 
 def parser():
-    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=1e-3, schedule=SCHEDULE,
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=1e-3, schedule=SCHEDULE,
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES)
     p.add_argument("--binarization", choices=["dynamic", "static"], default="dynamic",
                    help="dynamic: a fresh binarization of every training batch (the paper); static: one fixed "
@@ -102,13 +104,13 @@ def build_model(args, train_mean=None):
 def run(argv):
     args = parser().parse_args(argv)
     mnist = data.load_mnist(args.data_dir, args.binarization, download=not args.no_download)
-    return common.run_experiment(args, argv, script="model01.py", name="model01",
-                                 build_model=lambda: build_model(args, mnist.train_mean()), data=mnist,
-                                 eval_pmf=False, report_bpd=False, adam_eps=ADAM_EPS)
+    return experiment.run_experiment(args, argv, script="model01.py", name="model01",
+                                     build_model=lambda: build_model(args, mnist.train_mean()), data=mnist,
+                                     eval_pmf=EVAL_PMF, adam_eps=ADAM_EPS)
 
 
 def main(argv=None):
-    return common.cli(run, argv)
+    return experiment.cli(run, argv)
 
 
 if __name__ == "__main__":

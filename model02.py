@@ -35,14 +35,14 @@ It writes assets/model02_{imgs,recs,samples,samples_var,curve}.png, model02_resu
 model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
 with --beta).
 """
-from torch import nn
-
 import math
 
 import torch
+from torch import nn
 
 import common
 import data
+import experiment
 
 # config: the argparse defaults below (python model02.py --help)
 LATENT_DIM = 128  # one stochastic layer
@@ -53,6 +53,8 @@ K = 1  # importance samples in training: the ELBO
 LR = 1e-3
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: why 100)
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
+EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
+SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
 
 
 def conv_stack(channels_in, width):
@@ -125,15 +127,15 @@ class VAE(common.OneLayerVAE):
 
 
 def parser():
-    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+                           skip_grad_norm=SKIP_GRAD_NORM)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--unbounded", action="store_true", help="no tanh on the log-variance (variance unbounded)")
     p.add_argument("--dequantize", action="store_true",
                    help="train on uniformly dequantized pixels (Theis et al. 2016): a density on continuous data, "
                         "whose objective bounds the discrete log-likelihood")
-    p.add_argument("--beta", type=common.positive_float, default=None,
+    p.add_argument("--beta", type=experiment.positive_float, default=None,
                    help="train the beta-VAE with this weight on the rate and the squared error (variance fixed at "
                         "beta; see the docstring) instead of the ELBO")
     return p
@@ -159,13 +161,13 @@ def run(argv):
     images.dequantize_train = args.dequantize
     name = ("model02" + ("_unbounded" if args.unbounded else "") + ("_dequantized" if args.dequantize else "")
             + (f"_beta{args.beta:g}" if args.beta is not None else ""))
-    return common.run_experiment(args, argv, script="model02.py", name=name, data=images, eval_pmf=True,
-                                 report_bpd=True, build_model=lambda: build_model(args),
-                                 objective=beta_vae_objective(args.beta) if args.beta is not None else None)
+    return experiment.run_experiment(args, argv, script="model02.py", name=name, data=images, eval_pmf=EVAL_PMF,
+                                            build_model=lambda: build_model(args),
+                                            objective=beta_vae_objective(args.beta) if args.beta is not None else None)
 
 
 def main(argv=None):
-    return common.cli(run, argv)
+    return experiment.cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import nn
 
 import common
 import data
+import experiment
 
 # config: the argparse defaults below (python model03.py --help)
 LATENT_DIM = 128  # one stochastic layer
@@ -32,6 +33,8 @@ K = 1  # importance samples in training: the ELBO
 LR = 1e-3
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: why 100)
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
+EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
+SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
 LOG_LOGISTIC_VAR_FACTOR = math.log(math.pi ** 2 / 3)  # variance of a logistic = s^2 pi^2 / 3
 
 
@@ -104,9 +107,9 @@ class VAE(common.OneLayerVAE):
 
 
 def parser():
-    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM)
+                           skip_grad_norm=SKIP_GRAD_NORM)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--unbounded", action="store_true",
                    help="no bound on the variance: the log-scale is the decoder's raw output")
@@ -121,12 +124,12 @@ def run(argv):
     args = parser().parse_args(argv)
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
     name = "model03_unbounded" if args.unbounded else "model03"
-    return common.run_experiment(args, argv, script="model03.py", name=name, data=images, eval_pmf=True,
-                                 report_bpd=True, build_model=lambda: build_model(args))
+    return experiment.run_experiment(args, argv, script="model03.py", name=name, data=images, eval_pmf=EVAL_PMF,
+                                            build_model=lambda: build_model(args))
 
 
 def main(argv=None):
-    return common.cli(run, argv)
+    return experiment.cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Run:  python model04.py --data-dir ../shared/data
       python model04.py --data-dir ../shared/data --components 1
       python model04.py --data-dir ../shared/data --no-autoregression
 It writes assets/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
-model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). The grid of samples' means is a Monte Carlo mean (100 draws): the exact mean
-of the autoregressive mixture is a sum over 256^3 colours per pixel.
+model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). With autoregression
+the grid of samples' means is a Monte Carlo mean (100 draws): the exact mean is a sum over 256^3 colours per pixel.
 """
 import argparse
 
@@ -27,6 +27,7 @@ from torch import nn
 
 import common
 import data
+import experiment
 
 # config: the argparse defaults below (python model04.py --help)
 LATENT_DIM = 128  # one stochastic layer
@@ -37,6 +38,10 @@ K = 1  # importance samples in training: the ELBO
 LR = 1e-3
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: why 100)
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
+EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
+SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
+SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median of the last 100 steps taken: one such
+                        # step wrecked this chapter's first 50-epoch run (README: the training guard)
 NUM_COMPONENTS = 10  # mixture components per pixel (PixelCNN++ uses 5 to 10)
 LOG_SCALE_MIN = -7.0  # floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)
 
@@ -118,12 +123,12 @@ class VAE(common.OneLayerVAE):
 
 
 def parser():
-    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM,
-                           skip_grad_ratio=common.MIXTURE_SKIP_GRAD_RATIO)
+                           skip_grad_norm=SKIP_GRAD_NORM,
+                           skip_grad_ratio=SKIP_GRAD_RATIO)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
-    p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
+    p.add_argument("--components", type=experiment.positive_int, default=NUM_COMPONENTS,
                    help="mixture components per pixel")
     p.add_argument("--autoregression", action=argparse.BooleanOptionalAction, default=True,
                    help="G's mean moves with R, B's with R and G (PixelCNN++); --no-autoregression: independent channels")
@@ -139,12 +144,12 @@ def run(argv):
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
     name = ("model04" + (f"_{args.components}component{'s' * (args.components > 1)}" if args.components != NUM_COMPONENTS else "")
             + ("" if args.autoregression else "_no_autoregression"))
-    return common.run_experiment(args, argv, script="model04.py", name=name, data=images, eval_pmf=True,
-                                 report_bpd=True, build_model=lambda: build_model(args))
+    return experiment.run_experiment(args, argv, script="model04.py", name=name, data=images, eval_pmf=EVAL_PMF,
+                                            build_model=lambda: build_model(args))
 
 
 def main(argv=None):
-    return common.cli(run, argv)
+    return experiment.cli(run, argv)
 
 
 if __name__ == "__main__":

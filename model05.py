@@ -10,7 +10,8 @@ and the posterior q(z_i|z_>i, x) from that state and the bottom-up features of i
 generative model and the inference network share the top-down pass. The decoder sees the top-down state
 after the last layer, which carries every z (as in VDVAE and NVAE), so p(x|z) is p(x|z_1..z_L).
 The observation model is model03's logistic (`--obs logistic`, its variance bound, `--unbounded`) or
-model04's mixture (`--obs mixture`, the default).
+model04's mixture (`--obs mixture`, the default), imported from those chapters' scripts: only the latents change.
+The hierarchy's interface (the top-down pass, the log-weight parts per layer) is common.HierarchicalVAE.
 
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
@@ -29,6 +30,8 @@ from torch import nn
 
 import common
 import data
+import evaluation
+import experiment
 from model03 import LogisticObservation  # chapter 3's p(x|z): a discretized logistic per sub-pixel
 from model04 import NUM_COMPONENTS, MixtureObservation  # chapter 4's: a mixture with RGB autoregression
 
@@ -43,6 +46,9 @@ LR = 1e-3
 LATENT_LOG_SIGMA_BOUND = 5.0  # log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapters 2-4
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
+EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
+SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
+SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median of the last 100 steps taken, as model04
 
 
 def head(channels_in, hidden, channels_out):
@@ -131,68 +137,7 @@ class Decoder(nn.Module):
         return out.reshape(*h.shape[:-3], *out.shape[1:])  # (*, P, 32, 32)
 
 
-class HierarchicalVAE(common.OneLayerVAE):
-    """A top-down hierarchy z_L -> ... -> z_1 -> x with bidirectional inference; the objective, the estimator
-    and the grids ask it what they ask common.OneLayerVAE. A subclass sets `encoder` (x -> one bottom-up
-    feature per block, top block first), `blocks` (top first; each has prior_net(h), posterior_net(h, feature),
-    latent(prior_out, posterior_out) -> (p, q or None) and update(h, z) -> h), `initial_state(n)`, `decoder`
-    (final state, any leading dims -> raw parameters of p(x|z)) and `observation`. `decode` is
-    OneLayerVAE's, applied to the final top-down state."""
-
-    def encode(self, x):
-        """The bottom-up pass: a list of features, one per block (top block first)."""
-        with self.autocast(x.device.type):
-            return self.encoder(x)
-
-    def top_down(self, n, features=None, z_top=()):
-        """The top-down pass over n rows. Each block forms p(z_i|z_>i) from the state and, given the bottom-up
-        features (n rows each), q(z_i|z_>i, x); z_i is drawn from q if there is one, else from p, except the
-        top len(z_top) layers, which are taken from z_top (top first). Returns the final state and, per layer
-        top first, (z_i, p(z_i|z_>i), q(z_i|z_>i, x) or None)."""
-        h = self.initial_state(n)
-        layers = []
-        for i, block in enumerate(self.blocks):
-            with self.autocast(h.device.type):
-                prior_out = block.prior_net(h)
-                posterior_out = None if features is None else block.posterior_net(h, features[i])
-            pz, qz = block.latent(prior_out.float(), None if posterior_out is None else posterior_out.float())
-            z = z_top[i] if i < len(z_top) else (pz if qz is None else qz).rsample()  # (n, D_i)
-            with self.autocast(h.device.type):
-                h = block.update(h, z)
-            layers.append((z, pz, qz))
-        return h, layers
-
-    def log_weight_parts(self, x, k, eval_pmf=False, encoding=None):
-        """For k draws of z_L..z_1 ~ q per image: log p(x|z), log p(z) = sum_i log p(z_i|z_>i) and
-        log q(z|x) = sum_i log q(z_i|z_>i, x), each (k, B), and rate_layers (k, B, L): log q - log p per
-        layer, bottom layer z_1 first. encoding: `encode(x)` if already computed."""
-        features = self.encode(x) if encoding is None else encoding
-        features = [common.merge(f.expand(k, *f.shape)) for f in features]  # (k*B, ...): the k draws as rows
-        h, layers = self.top_down(k * len(x), features)
-        log_pz = torch.stack([pz.log_prob(z) for z, pz, _ in reversed(layers)], dim=-1)  # (k*B, L)
-        log_qz_x = torch.stack([qz.log_prob(z) for z, _, qz in reversed(layers)], dim=-1)  # (k*B, L)
-        px_z = common.observe(self, common.unmerge(h, k), eval_pmf)  # batch shape (k, B)
-        return {"log_px_z": px_z.log_prob(x), "log_pz": common.unmerge(log_pz.sum(-1), k),
-                "log_qz_x": common.unmerge(log_qz_x.sum(-1), k), "rate_layers": common.unmerge(log_qz_x - log_pz, k)}
-
-    def reconstruct(self, x, eval_pmf=False):
-        """p(x|z) with z ~ q(z|x), one draw per image."""
-        h, _ = self.top_down(len(x), self.encode(x))
-        return common.observe(self, h, eval_pmf)
-
-    def generate(self, n, eval_pmf=False, z_top=()):
-        """p(x|z) with z drawn ancestrally from the prior, n of them; the top len(z_top) layers taken from z_top."""
-        h, _ = self.top_down(n, z_top=z_top)
-        return common.observe(self, h, eval_pmf)
-
-    def posterior_means(self, x):
-        """E_q[z_i|z_>i, x] per layer, bottom layer first, (B, D_i) each, along one posterior draw of the layers
-        above (for counting active units, Burda et al. 2015, sec. 5.2)."""
-        _, layers = self.top_down(len(x), self.encode(x))
-        return [qz.mean for _, _, qz in reversed(layers)]
-
-
-class VAE(HierarchicalVAE):
+class VAE(common.HierarchicalVAE):
     """L stochastic layers of `latent_channels` maps, the top half (rounded up) at 4x4 and the rest at 8x8,
     then model04's decoder from 8x8 and p(x|z) = observation(decoder(h))."""
 
@@ -217,18 +162,18 @@ class VAE(HierarchicalVAE):
 
 
 def parser():
-    p = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
                            eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
-                           skip_grad_norm=common.COLOUR_SKIP_GRAD_NORM,
-                           skip_grad_ratio=common.MIXTURE_SKIP_GRAD_RATIO)
+                           skip_grad_norm=SKIP_GRAD_NORM,
+                           skip_grad_ratio=SKIP_GRAD_RATIO)
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
-    p.add_argument("--layers", type=common.positive_int, default=LAYERS,
+    p.add_argument("--layers", type=experiment.positive_int, default=LAYERS,
                    help="stochastic layers (the top half, rounded up, at 4x4, the rest at 8x8)")
     p.add_argument("--obs", choices=["logistic", "mixture"], default="mixture",
                    help="p(x|z): model03's discretized logistic or model04's mixture of them")
     p.add_argument("--unbounded", action="store_true",
                    help="--obs logistic only: no bound on the variance, the log-scale is the decoder's raw output")
-    p.add_argument("--components", type=common.positive_int, default=NUM_COMPONENTS,
+    p.add_argument("--components", type=experiment.positive_int, default=NUM_COMPONENTS,
                    help="--obs mixture only: mixture components per pixel")
     return p
 
@@ -250,13 +195,13 @@ def run(argv):
                                "--components or pass --obs mixture.")
     images = data.load_colour(args.dataset, args.data_dir, download=not args.no_download)
     name = f"model05_{args.obs}" + ("_unbounded" if args.unbounded else "")
-    return common.run_experiment(args, argv, script="model05.py", name=name, data=images, eval_pmf=True,
-                                 report_bpd=True, build_model=lambda: build_model(args),
-                                 extra_grids=common.save_layer_grid)
+    return experiment.run_experiment(args, argv, script="model05.py", name=name, data=images, eval_pmf=EVAL_PMF,
+                                            build_model=lambda: build_model(args),
+                                            extra_grids=evaluation.save_layer_grid)
 
 
 def main(argv=None):
-    return common.cli(run, argv)
+    return experiment.cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ import types
 import pytest
 import torch
 
-import common
 import model02
 import model03
 import model04
+import training
 from conftest import write_svhn
 
 GRIDS = ["imgs", "recs", "samples", "samples_var"]
@@ -93,30 +93,27 @@ def test_mixture_needs_rgb():
         model04.MixtureObservation().num_params(1)
 
 
-def test_a_step_far_above_the_recent_gradient_norms_is_skipped(tmp_path, monkeypatch):
+def test_a_step_far_above_the_recent_gradient_norms_is_skipped(tmp_path):
     """--skip-grad-ratio: the gradient norms are 1, 1.1, 1.2, ... except one of 1000 at step 120; with the ratio
     guard that step (and only it) is skipped and listed, without it every step is taken."""
     def run(ratio):
         calls = [0]
 
-        def fake_loss(model, k):
-            def loss(x):
-                calls[0] += 1
-                scale = 1000.0 if calls[0] == 120 else 1.0 + 0.1 * (calls[0] % 3)
-                return scale * model.weight.sum()
-            return loss
-        monkeypatch.setattr(common, "training_loss", fake_loss)
         model = torch.nn.Linear(1, 1, bias=False)
+
+        def loss(x):
+            calls[0] += 1
+            scale = 1000.0 if calls[0] == 120 else 1.0 + 0.1 * (calls[0] % 3)
+            return scale * model.weight.sum()
         data = types.SimpleNamespace(train=torch.zeros(150, 1), train_batch=lambda x: x)
-        state = common.train(model, common.make_optimizer(model, 1e-3), data, batch_size=1, epochs=1, k=1,
-                             lr_at=common.constant_lr, base_lr=1e-3, state=common.TrainState(),
-                             ckpt_path=str(tmp_path / f"ratio{ratio}.pt"), config={}, skip_grad_ratio=ratio,
-                             progress=False)
-        return state
+        plan = training.Plan(batch_size=1, epochs=1, lr_at=training.constant_lr, base_lr=1e-3)
+        return training.train(model, training.make_optimizer(model, 1e-3), loss, data, training.TrainState(), plan,
+                              training.Sitting(str(tmp_path / f"ratio{ratio}.pt"), {}),
+                              training.SkipGuard(ratio=ratio), progress=False)
 
     guarded = run(10.0)
     assert guarded.step == 150 and guarded.skipped_steps == 1 and len(guarded.skips) == 1
     assert guarded.skips[0]["step"] == 120 and guarded.skips[0]["grad_norm"] == pytest.approx(1000.0)
     assert guarded.skips[0]["threshold"] == pytest.approx(11.0)  # 10 x the median of 1, 1.1, 1.2, ...
-    assert len(guarded.recent_grad_norms) == common.GRAD_NORM_WINDOW
+    assert len(guarded.recent_grad_norms) == training.GRAD_NORM_WINDOW
     assert run(math.inf).skipped_steps == 0

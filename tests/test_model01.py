@@ -84,6 +84,39 @@ def test_unreadable_checkpoint_is_a_clear_error(mnist_dir, tmp_path, capsys):
     assert "Cannot read the checkpoint" in err and "Traceback" not in err
 
 
+class RunsCode:
+    """A pickle that would run `touch <marker>` when loaded."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(mnist_dir, tmp_path, capsys):
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 0
+    ckpt = tmp_path / "model01_checkpoint.pt"
+    blob = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "ran"
+    blob["state"]["history"] = [RunsCode(marker)]
+    crafted = tmp_path / "crafted.pt"
+    torch.save(blob, crafted)
+    assert model01.main(args(mnist_dir, tmp_path / "eval", "--eval-only", "--checkpoint", str(crafted))) == 2
+    err = capsys.readouterr().err
+    assert "Refused to load" in err and "Traceback" not in err
+    assert not marker.exists()
+    # the project's own checkpoint still loads
+    assert model01.main(args(mnist_dir, tmp_path / "eval", "--eval-only", "--checkpoint", str(ckpt))) == 0
+
+
+def test_an_out_dir_that_cannot_be_made_is_a_clear_error(mnist_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert model01.main(args(mnist_dir, blocker / "out", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "Cannot create the output folder" in err and "Traceback" not in err
+
+
 def test_missing_data_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "model01.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -101,7 +134,10 @@ def test_help_states_defaults():
         assert expected in text
 
 
-@pytest.mark.parametrize("flag", [["--k", "0"], ["--device", "tpu"], ["--binarization", "half"]])
+@pytest.mark.parametrize("flag", [["--k", "0"], ["--device", "tpu"], ["--binarization", "half"], ["--lr", "0"],
+                                  ["--lr", "-1e-3"], ["--curve-images", "-1"], ["--skip-grad-norm", "0"],
+                                  ["--checkpoint-minutes", "0"], ["--threads", "-2"], ["--lr", "nan"],
+                                  ["--resume", "--eval-only"]])
 def test_bad_flags_are_errors(flag):
     with pytest.raises(SystemExit) as exit_:
         model01.main(flag)

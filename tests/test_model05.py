@@ -9,13 +9,14 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import common
+import evaluation
 import model05
 
 GRIDS = ["imgs", "recs", "samples", "samples_var", "layers"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# A two-layer linear-Gaussian hierarchy through model05.HierarchicalVAE's top-down pass
+# A two-layer linear-Gaussian hierarchy through common.HierarchicalVAE's top-down pass
 # ---------------------------------------------------------------------------------------------------
 class LinearBlock(nn.Module):
     """p(z_i|z_>i) = N(A z_>i + a, s_i^2 I) (A = 0, a = 0, s = 1 at the top); q(z_i|z_>i, x) = the exact
@@ -46,7 +47,7 @@ class LinearBlock(nn.Module):
         return z
 
 
-class LinearGaussianHierarchy(model05.HierarchicalVAE):
+class LinearGaussianHierarchy(common.HierarchicalVAE):
     """p(z2) = N(0, I), p(z1|z2) = N(A z2 + a, s1^2 I), p(x|z1) = N(B z1 + b, s^2 I), so that
     p(x) = N(B a + b, B (A A^T + s1^2 I) B^T + s^2 I). Float32, as the networks are; x: (N, 1, 1, x_dim)."""
 
@@ -249,7 +250,7 @@ def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, flags, name
 def test_layer_grid_layout(tmp_path):
     from PIL import Image
     model = model05.VAE(model05.LogisticObservation(), layers=3)
-    assert common.save_layer_grid(model, tmp_path, "m", eval_pmf=True, rows=2, draws=3) == "exact"
+    assert evaluation.save_layer_grid(model, tmp_path, "m", eval_pmf=True, rows=2, draws=3) == "exact"
     columns = 1 + 2 * 3  # the row's draw, then 3 redraws of z_1, then 3 of z_2 and z_1
     assert Image.open(tmp_path / "m_layers.png").size == (1 + columns * 33, 1 + 2 * 33)
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributions import Independent, Normal, MultivariateNormal, kl_divergence
 
 import common
+import training
 
 
 class LinearGaussian(common.OneLayerVAE):
@@ -121,13 +122,13 @@ def test_bits_per_dim():
 
 
 def test_iwae_schedule_stages():
-    total = common.IWAE_EPOCHS * 3000  # the paper's run, 3000 steps per epoch
-    lr = lambda epoch: common.iwae_lr(epoch * 3000, total)
-    assert common.IWAE_EPOCHS == 3280
+    total = training.IWAE_EPOCHS * 3000  # the paper's run, 3000 steps per epoch
+    lr = lambda epoch: training.iwae_lr(epoch * 3000, total)
+    assert training.IWAE_EPOCHS == 3280
     assert lr(0) == pytest.approx(1e-3)
     assert lr(1) == pytest.approx(1e-3 * 10 ** (-1 / 7))  # stage 0 lasts 3^0 = 1 epoch
     assert lr(3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
     assert lr(4) == pytest.approx(1e-3 * 10 ** (-2 / 7))  # stage 1 lasts 3 epochs
     assert lr(3279) == pytest.approx(1e-4)
     # compressed into 10 epochs, the same fractions of training get the same rates
-    assert common.iwae_lr(9 * 100, 10 * 100) == lr(int(3280 * 0.9))
+    assert training.iwae_lr(9 * 100, 10 * 100) == lr(int(3280 * 0.9))

@@ -8,9 +8,11 @@ import torch
 
 import common
 import data
+import evaluation
 import model01
 import model02
 import model03
+import training
 
 NO_COMPILE = ["--no-compile"]  # these tests are about the run's bookkeeping; test_speed_paths checks compile
 
@@ -69,7 +71,7 @@ def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):
     fake_test = data.load_cifar10(str(cifar_bin_dir), download=False).test
     assert t["images"] == res["eval_images"] == 6  # the evaluated test images (at most IMAGE_STATS_IMAGES)
     assert t["roughness_levels"]["data"] == pytest.approx(
-        common.roughness(fake_test[:t["images"]].float() / 255).double().mean().item(), rel=1e-5)
+        evaluation.roughness(fake_test[:t["images"]].float() / 255).double().mean().item(), rel=1e-5)
     assert set(t["roughness_levels"]) == {"data", "reconstruction_means", "sample_means", "draws"}
     assert all(0 <= v <= 255 for v in t["roughness_levels"].values())
 
@@ -83,7 +85,7 @@ def test_active_units_count_only_units_whose_mean_moves():
         last.weight[:64].zero_()  # mu_0..63 = bias: the same for every image
         last.weight[64:128].normal_(0, 1.0)  # mu_64..127 move a lot with x
     x = torch.randint(0, 256, (50, 3, 32, 32)).float() / 255
-    stats = common.balance_stats(model, x, eval_pmf=True)
+    stats = evaluation.balance_stats(model, x, eval_pmf=True)
     assert stats["active_units"] == [64]
 
 
@@ -106,7 +108,7 @@ class RareHugeRate(torch.nn.Module):
 
 def test_balance_reports_median_and_largest_rate_beside_the_mean():
     x = torch.arange(9.0)[:, None, None, None].expand(9, 1, 2, 2)
-    b = common.balance_stats(RareHugeRate(), x, eval_pmf=False, batch_size=4)
+    b = evaluation.balance_stats(RareHugeRate(), x, eval_pmf=False, batch_size=4)
     assert b["rate_per_layer_nats"] == pytest.approx([(8 * 10 + 1e6) / 9, 4.0])
     assert b["rate_per_layer_median_nats"] == [10.0, 4.0] and b["rate_per_layer_max_nats"] == [1e6, 8.0]
     assert b["rate_nats"] == pytest.approx(sum(b["rate_per_layer_nats"]))
@@ -117,9 +119,9 @@ def test_roughness_is_the_mean_step_between_neighbouring_pixels_in_levels():
     stripes = torch.zeros(1, 1, 4, 4)
     stripes[..., 1::2] = 1.0  # columns alternate 0, 1: every step across is 255 levels, every step down 0
     across, down = 3 * 4, 4 * 3  # neighbouring pairs
-    assert common.roughness(flat).tolist() == [0.0]
-    assert common.roughness(stripes).item() == pytest.approx(255 * across / (across + down))
-    assert common.roughness(torch.cat([flat[:, :1], stripes])).tolist() == pytest.approx([0.0, 127.5])
+    assert evaluation.roughness(flat).tolist() == [0.0]
+    assert evaluation.roughness(stripes).item() == pytest.approx(255 * across / (across + down))
+    assert evaluation.roughness(torch.cat([flat[:, :1], stripes])).tolist() == pytest.approx([0.0, 127.5])
 
 
 class ConstantNoise(torch.nn.Module):
@@ -133,9 +135,9 @@ class ConstantNoise(torch.nn.Module):
 
 def test_image_stats_tell_means_from_draws():
     x = torch.rand(30, 3, 8, 8)
-    t = common.image_stats(ConstantNoise(), x, eval_pmf=True, batch_size=7)
+    t = evaluation.image_stats(ConstantNoise(), x, eval_pmf=True, batch_size=7)
     levels = t["roughness_levels"]
-    assert t["images"] == 30 and levels["data"] == pytest.approx(common.roughness(x).mean().item(), rel=1e-5)
+    assert t["images"] == 30 and levels["data"] == pytest.approx(evaluation.roughness(x).mean().item(), rel=1e-5)
     assert levels["sample_means"] == pytest.approx(0, abs=1e-3)
     assert levels["reconstruction_means"] == pytest.approx(0, abs=1e-3)
     assert levels["draws"] > 20 and t["roughness_stderr"]["draws"] < 2
@@ -144,14 +146,14 @@ def test_image_stats_tell_means_from_draws():
 def test_one_far_epoch_does_not_set_the_scale_of_the_curves():
     steady = [6.0, 5.5, 5.2, 5.1, 5.0]
     spiked = [5.8, 5.0, 37.5, 4.9, 4.8]
-    top = common.curve_top([steady, spiked])
+    top = evaluation.curve_top([steady, spiked])
     assert 6.0 < top < 6.2  # the steady curve's worst point, a margin, and not the spike
-    assert common.curve_top([steady, [5.8, 5.0, 6.9, 4.9, 4.8]]) > 6.9  # a rise of less than 2 bits stays in view
+    assert evaluation.curve_top([steady, [5.8, 5.0, 6.9, 4.9, 4.8]]) > 6.9  # a rise of less than 2 bits stays in view
 
 
 def test_hold_decay_schedule_has_the_same_shape_at_any_length():
     for total in (100, 10_000):
-        lr = lambda f: common.hold_decay_lr(int(f * total), total, 1e-3)
+        lr = lambda f: training.hold_decay_lr(int(f * total), total, 1e-3)
         assert lr(0) == lr(0.49) == 1e-3
         assert lr(0.75) == pytest.approx(1e-3 * 0.1 ** 0.5, rel=0.05)
         assert lr(1.0) == pytest.approx(1e-4)

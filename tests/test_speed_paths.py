@@ -11,6 +11,7 @@ import torch._inductor.config as inductor_config
 
 import bench
 import common
+import devices
 
 CHAPTERS = [name for name in bench.CHAPTERS if os.path.exists(os.path.join(os.path.dirname(bench.__file__), f"{name}.py"))]
 
@@ -44,7 +45,7 @@ def test_compiled_training_loss_and_gradients_match_eager(name, same_random_numb
     x = fake_x(name, 4)
     eval_k = 5 if name == "model01" else 1
     loss_fn = common.training_loss(model, eval_k)
-    fast = common.compiled(loss_fn, True, "training test")
+    fast = devices.Compiled(loss_fn, True, "training test")
     assert fast.compiled_fn is not None
 
     def loss_and_grads(fn):
@@ -73,7 +74,7 @@ def test_frozen_compiled_estimate_matches_eager(name, same_random_numbers):
         return common.estimate_log_likelihood(model, x, 20, 40, pmf, progress=False, compile=compile)
 
     eager, fast = estimate(False), estimate(True)
-    assert common._frozen["fn"].compiled_fn is not None
+    assert common.evaluation_fn(model, compile=True).compiled_fn is not None  # the frozen graph served it
     assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-3)
     # a changed weight must not be served from the frozen graph
     with torch.no_grad():
@@ -91,14 +92,14 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(name):
     pmf = name != "model01"
     torch.manual_seed(7)
     ref = common.iwae_bound(model, x, 2, pmf)["bound"]
-    common.configure_device(model, torch.device("cpu"), amp=True, channels_last=True)
+    devices.configure_device(model, torch.device("cpu"), amp=True, channels_last=True)
     torch.manual_seed(7)
-    out = common.iwae_bound(model, common.to_device(x, torch.device("cpu"), channels_last=True), 2, pmf)["bound"]
+    out = common.iwae_bound(model, devices.to_device(x, torch.device("cpu"), channels_last=True), 2, pmf)["bound"]
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.allclose(out, ref, rtol=0.05)
     model.amp_dtype = None
     torch.manual_seed(7)
-    out = common.iwae_bound(model, common.to_device(x, torch.device("cpu"), channels_last=True), 2, pmf)["bound"]
+    out = common.iwae_bound(model, devices.to_device(x, torch.device("cpu"), channels_last=True), 2, pmf)["bound"]
     assert torch.allclose(out, ref, rtol=1e-4)
 
 
@@ -107,7 +108,7 @@ def test_unavailable_compiler_falls_back_with_one_warning(capsys):
         raise RuntimeError("no C++ compiler here")
 
     fn = lambda t: (t * 2).sum()
-    wrapped = common.compiled(fn, True, "a test path")
+    wrapped = devices.Compiled(fn, True, "a test path")
     wrapped.compiled_fn = torch.compile(fn, backend=broken_backend)
     t = torch.ones(3)
     assert wrapped(t).item() == 6.0 and wrapped(t).item() == 6.0

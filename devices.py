@@ -1,0 +1,80 @@
+"""Where the work runs and how fast: the device's name for the results, seeding, and the speed plumbing
+(torch.compile with an eager fallback, bf16 autocast for the networks, TF32, channels_last).
+
+The chapters never touch this module: `training.train` and `common.estimate_log_likelihood` take one
+`compile` flag, and `experiment.run_experiment` applies the device settings to the model it builds.
+"""
+import platform
+import sys
+
+import torch
+
+
+def hardware_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"CPU: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
+
+
+class Compiled:
+    """`fn` under torch.compile (static shapes), or `fn` itself if `enabled` is False. If compilation fails
+    here (no C++ compiler, an unsupported platform or Python), one warning and then `fn` eagerly: the same
+    numbers, only slower. `what` names the path in the warning."""
+    _warned = set()
+
+    def __init__(self, fn, enabled=True, what="", mode=None, options=None):
+        self.fn, self.what, self.compiled_fn = fn, what, None
+        if enabled:
+            try:
+                self.compiled_fn = torch.compile(fn, dynamic=False, mode=mode, options=options)
+            except Exception as err:  # e.g. "Dynamo is not supported on Python 3.x"
+                self._fall_back(err)
+
+    def _fall_back(self, err):
+        self.compiled_fn = None
+        if self.what not in Compiled._warned:
+            Compiled._warned.add(self.what)
+            reason = " ".join(str(err).split())[:300]
+            print(f"warning: torch.compile is not available for {self.what} here ({type(err).__name__}: {reason}); "
+                  f"running eagerly, which gives the same numbers more slowly. Pass --no-compile to skip the "
+                  f"attempt.", file=sys.stderr)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled_fn is not None:
+            try:
+                return self.compiled_fn(*args, **kwargs)
+            except Exception as err:  # a backend that fails at the first call (missing compiler, ...)
+                self._fall_back(err)
+        return self.fn(*args, **kwargs)
+
+
+EVAL_COMPILE_OPTIONS = {"freezing": True}  # inference only: see common.evaluation_fn
+
+
+def configure_device(model, device, amp, channels_last):
+    """TF32 matmuls on CUDA; bf16 autocast for the networks only (`amp`); channels_last convolutions."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if amp:
+        model.amp_dtype = torch.bfloat16
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x, device, channels_last=False):
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+

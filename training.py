@@ -1,0 +1,354 @@
+"""The training loop and what keeps it honest: learning-rate schedules, checkpoints that resume exactly, the guard
+that skips a bad step, and the clean stop at a time limit, Ctrl-C or SIGTERM.
+
+`train` reads as the loop it is: draw a batch, set the rate, take a guarded step, log, checkpoint. The loss is a
+ready function of a batch (`common.training_loss(model, k)`, or a chapter's own objective); compilation is one
+flag. What a run does before and after (build, evaluate, write) is `experiment.run_experiment`.
+"""
+import contextlib
+import math
+import os
+import pickle
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from common import UserError
+from devices import Compiled, to_device
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------------------------------
+IWAE_STAGES = 8  # Burda et al. 2015, sec. 5: stage i = 0..7 lasts 3^i epochs at lr 1e-3 * 10^(-i/7)
+IWAE_STAGE_ENDS = [sum(3 ** j for j in range(i + 1)) for i in range(IWAE_STAGES)]  # in epochs: 1, 4, 13, ...
+IWAE_EPOCHS = IWAE_STAGE_ENDS[-1]  # 3280
+
+
+def iwae_lr(step, total_steps, base_lr=1e-3):
+    """The paper's schedule, compressed into `total_steps`: the fraction of training done decides the stage."""
+    position = IWAE_EPOCHS * step / max(total_steps, 1)
+    stage = next((i for i, end in enumerate(IWAE_STAGE_ENDS) if position < end), IWAE_STAGES - 1)
+    return base_lr * 10 ** (-stage / 7)
+
+
+def constant_lr(step, total_steps, base_lr=1e-3):
+    return base_lr
+
+
+HOLD_FRACTION = 0.5  # hold-decay: base_lr for the first half of the steps ...
+FINAL_LR_FACTOR = 0.1  # ... then a geometric decay to base_lr / 10 at the last step
+
+
+def hold_decay_lr(step, total_steps, base_lr=1e-3):
+    """base_lr for the first half of training, then geometric decay to base_lr/10: the same shape at any
+    --epochs, so that a short run does not spend most of its steps at the final rate (as the paper's schedule,
+    compressed, does: two thirds of its steps are at 1e-4)."""
+    f = step / max(total_steps, 1)
+    if f < HOLD_FRACTION:
+        return base_lr
+    return base_lr * FINAL_LR_FACTOR ** ((f - HOLD_FRACTION) / (1 - HOLD_FRACTION))
+
+
+SCHEDULES = {"iwae": iwae_lr, "constant": constant_lr, "hold-decay": hold_decay_lr}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    perm: torch.Tensor = None  # this epoch's order of the training set
+    pos: int = 0  # position in perm
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)  # (step, epoch, mean training bound over the interval)
+    test_curve: list = field(default_factory=list)  # after each epoch: (epoch, step, test ELBO, rate, distortion)
+    segments: list = field(default_factory=list)  # one dict per sitting: start, end, steps, seconds, hardware
+    stopped_by_guard: dict = None  # set when the divergence guard ended training: step, epoch, reason
+    recent_grad_norms: list = field(default_factory=list)  # of the last GRAD_NORM_WINDOW steps taken
+    skips: list = field(default_factory=list)  # the first MAX_SKIPS_LISTED skipped steps: step, loss, norm, threshold
+
+
+def save_checkpoint(path, model, optimizer, state, config):
+    """Written to a temporary file, then renamed: an interrupted write never leaves a broken checkpoint."""
+    blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "state": state.__dict__, "config": config, "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """The checkpoint at path, read with weights_only=True: tensors and plain Python values only, so that a crafted
+    file cannot run code when it is loaded (a pickle can; torch refuses anything else and so does this)."""
+    if not os.path.exists(path):
+        raise UserError(f"No checkpoint at {path}. Train first (without --resume), or pass --checkpoint with "
+                        f"the path of a checkpoint this script wrote.")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # torch names the global it refused; anything else is a damaged file
+            raise UserError(f"Cannot read the checkpoint {path} (UnpicklingError: {err}). It is damaged or was not "
+                            f"written by this project; delete it and train again, or point --checkpoint at another "
+                            f"file.") from None
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"Refused to load {path}: it holds more than tensors and plain values ({reason}), and loading "
+                        f"it could run code, so nothing in it was run. This project's checkpoints never hold such "
+                        f"things: use a checkpoint this project wrote, from a source you trust.") from None
+    except Exception as err:
+        raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {err}). It is damaged or was "
+                        f"not written by this project; delete it and train again, or point --checkpoint "
+                        f"at another file.") from None
+    try:
+        missing = {"model", "optimizer", "state", "config", "rng_cpu", "rng_cuda"} - set(blob)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+        blob["state"] = TrainState(**blob["state"])
+    except Exception as err:
+        raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {err}). It was not written by "
+                        f"this project; point --checkpoint at another file.") from None
+    return blob
+
+
+def restore(blob, model, optimizer=None, rng=True):
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as err:
+        raise UserError(f"The checkpoint does not fit this model ({str(err).splitlines()[0]}). Was it written "
+                        f"by another script or with other model flags? Config in the checkpoint: "
+                        f"{blob['config']}") from None
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if rng:
+        torch.set_rng_state(blob["rng_cpu"].cpu())
+        if blob["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng_cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guarded step
+# ---------------------------------------------------------------------------------------------------
+GRAD_NORM_WINDOW = 100  # --skip-grad-ratio compares a step's gradient norm with the median of this many steps taken
+MAX_SKIPS_LISTED = 1000  # skipped steps listed one by one in the results (all are counted)
+
+
+class Diverged(UserError):
+    pass
+
+
+def make_optimizer(model, lr, eps=1e-8):
+    """Adam with its fused kernel (CPU and CUDA): one pass over all parameters; on model01's small step it
+    took a third of the time of the foreach version."""
+    return torch.optim.Adam(model.parameters(), lr=lr, eps=eps, fused=True)
+
+
+def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
+    """One Adam step on loss_fn(x), unless the loss or the gradient norm is not finite or the norm exceeds
+    skip_grad_norm. Returns the loss, the gradient norm and whether the step was taken."""
+    loss = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    stepped = bool(torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm <= skip_grad_norm)
+    if stepped:
+        optimizer.step()
+    return loss, grad_norm, stepped
+
+
+def finite_or_none(value):
+    """JSON has no infinity or NaN: such a number (an unset threshold, a non-finite loss) is written as null."""
+    return value if value is None or math.isfinite(value) else None
+
+
+@dataclass
+class SkipGuard:
+    """Skips a step whose loss or gradient norm is not finite, or whose norm exceeds `max_norm` or `ratio` times
+    the median norm of the last GRAD_NORM_WINDOW steps taken (once there are that many); counts and lists the
+    skips in the TrainState, and stops the run (state.stopped_by_guard) after `max_in_a_row` skips in a row."""
+    max_norm: float = math.inf
+    ratio: float = math.inf
+    max_in_a_row: int = 100
+    in_a_row: int = 0
+
+    def threshold(self, state):
+        if math.isfinite(self.ratio) and len(state.recent_grad_norms) >= GRAD_NORM_WINDOW:
+            return min(self.max_norm, self.ratio * statistics.median(state.recent_grad_norms))
+        return self.max_norm
+
+    def record(self, state, loss, grad_norm, stepped, threshold):
+        if stepped:
+            self.in_a_row = 0
+            state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [grad_norm.item()]
+            return
+        state.skipped_steps += 1
+        self.in_a_row += 1
+        if len(state.skips) < MAX_SKIPS_LISTED:
+            state.skips.append({"step": state.step + 1, "loss": finite_or_none(loss.item()),
+                                "grad_norm": finite_or_none(grad_norm.item()), "threshold": finite_or_none(threshold)})
+        if self.in_a_row >= self.max_in_a_row:
+            # the skipped steps left the weights as the last step taken made them: keep those, as a result
+            state.stopped_by_guard = {
+                "step": state.step + 1, "epoch": state.epoch, "skipped_in_a_row": self.in_a_row,
+                "reason": f"{self.in_a_row} steps in a row had a non-finite loss or a gradient norm above "
+                          f"{threshold:g} (last loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g})"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's wall-time kill, `kill PID`; background jobs ignore Ctrl-C's SIGINT) stops
+    training as Ctrl-C does: checkpoint, then exit. Off the main thread it does nothing."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+@dataclass
+class Plan:
+    """How long and how fast: the schedule spans `epochs`; training ends there, at `max_steps`, or after
+    `time_limit_minutes` of this sitting."""
+    batch_size: int
+    epochs: int
+    lr_at: callable
+    base_lr: float
+    max_steps: int = None
+    time_limit_minutes: float = None
+    checkpoint_minutes: float = 10.0
+    log_every: int = 100
+
+
+@dataclass
+class Sitting:
+    """One sitting of a run: where its checkpoint goes, the run's config, and what state.segments records of it."""
+    ckpt_path: str
+    config: dict
+    hardware: str = ""
+    command: str = ""
+
+
+def _next_batch(state, train_x, batch_size, device):
+    """The batch at state.pos in the epoch's order (a new order at each epoch's start)."""
+    if state.perm is None:
+        state.perm, state.pos = torch.randperm(len(train_x)), 0
+    return train_x[state.perm[state.pos:state.pos + batch_size].to(device)]
+
+
+def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_end=None, compile=False,
+          compile_mode=None, channels_last=False, progress=True):
+    """Minimise `loss` (a function of a batch) with Adam until the plan's end, its step limit or its time limit
+    (then the checkpoint is written and the caller sees state.step short of the end). The training set stays one
+    tensor on the model's device (no DataLoader); `guard` (a SkipGuard) decides which steps are taken. Checkpoints:
+    every plan.checkpoint_minutes, at the end, at the time limit, on Ctrl-C and SIGTERM; `state` resumes exactly
+    (the epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs after every epoch and its
+    tuple goes into state.test_curve. The sitting is recorded in state.segments."""
+    device = next(model.parameters()).device
+    train_x = data.train.to(device)
+    total_steps = plan.epochs * math.ceil(len(train_x) / plan.batch_size)
+    last_step = total_steps if plan.max_steps is None else min(total_steps, plan.max_steps)
+    if state.step >= last_step:  # a finished run resumed (to evaluate it again): no new training segment
+        return state
+    guard = guard or SkipGuard()
+    loss_fn = Compiled(loss, compile, "training", compile_mode)
+    log = _Log(state, last_step, plan.log_every, progress)
+    checkpoint = _Checkpointer(state, sitting, model, optimizer)
+    deadline = math.inf if plan.time_limit_minutes is None else time.time() + 60 * plan.time_limit_minutes
+    state.stopped_by_guard = None
+    model.train()
+    try:
+        with sigterm_as_interrupt():
+            while state.step < last_step and time.time() < deadline and state.stopped_by_guard is None:
+                x = to_device(data.train_batch(_next_batch(state, train_x, plan.batch_size, device)), device,
+                              channels_last)
+                lr = plan.lr_at(state.step, total_steps, plan.base_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                threshold = guard.threshold(state)
+                step_loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, threshold)
+                guard.record(state, step_loss, grad_norm, stepped, threshold)
+                state.step, state.pos = state.step + 1, state.pos + plan.batch_size
+                if state.pos >= len(train_x):
+                    state.epoch, state.perm = state.epoch + 1, None
+                    if epoch_end is not None:
+                        state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
+                        model.train()
+                log.step(-step_loss.item() if stepped else None, lr)
+                checkpoint.every(plan.checkpoint_minutes)
+    except KeyboardInterrupt:
+        checkpoint()
+        log.close()
+        raise UserError(f"Interrupted at step {state.step}; saved {sitting.ckpt_path}. Continue with the same "
+                        f"command and --resume.") from None
+    log.close()
+    checkpoint()
+    return state
+
+
+class _Log:
+    """The progress bar, and state.history: the mean training bound over every `every` steps."""
+
+    def __init__(self, state, last_step, every, progress):
+        self.state, self.last_step, self.every, self.running = state, last_step, every, []
+        self.bar = tqdm(total=last_step, initial=min(state.step, last_step), desc="train", unit="step",
+                        disable=not progress, dynamic_ncols=True)
+
+    def step(self, bound, lr):
+        state = self.state
+        if bound is not None:
+            self.running.append(bound)
+        if self.running and (state.step % self.every == 0 or state.step == self.last_step):
+            state.history.append((state.step, state.epoch, sum(self.running) / len(self.running)))
+            postfix = {"bound": f"{state.history[-1][2]:.2f}", "lr": f"{lr:.1e}", "epoch": state.epoch,
+                       "skipped": state.skipped_steps}
+            if state.test_curve:
+                postfix["test_elbo"] = f"{state.test_curve[-1][2]:.2f}"
+            self.bar.set_postfix(postfix)
+            self.running = []
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+class _Checkpointer:
+    """Writes the checkpoint and keeps the sitting's segment in state.segments up to date."""
+
+    def __init__(self, state, sitting, model, optimizer):
+        self.state, self.sitting, self.model, self.optimizer = state, sitting, model, optimizer
+        self.t_start = self.last_save = time.time()
+        self.t0 = self.t_start - state.train_seconds
+        self.segment = {"start": now(), "end": None, "first_step": state.step, "last_step": state.step,
+                        "seconds": 0.0, "hardware": sitting.hardware, "command": sitting.command}
+        state.segments.append(self.segment)
+
+    def __call__(self):
+        t = time.time()
+        self.state.train_seconds = t - self.t0
+        self.segment.update(end=now(), last_step=self.state.step, seconds=round(t - self.t_start, 1))
+        save_checkpoint(self.sitting.ckpt_path, self.model, self.optimizer, self.state, self.sitting.config)
+
+    def every(self, minutes):
+        if time.time() - self.last_save > 60 * minutes:
+            self()
+            self.last_save = time.time()
