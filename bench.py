@@ -14,8 +14,8 @@ work (the likelihoods' exp and log) counts no FLOPs: it is what keeps utilizatio
     python bench.py                          # every chapter, about 4 minutes on 2 CPU cores
     python bench.py --models model03 --seconds 5 --device cpu
 
-It prints a markdown table and writes assets/bench.json, from which the README's Speed table is
-rendered (python tests/test_readme.py).
+It prints a markdown table and writes runs/bench.json; the README's speed table is rendered from the shipped
+assets/bench.json (python rendering.py).
 """
 import argparse
 import importlib
@@ -34,7 +34,7 @@ import devices
 import experiment
 import training
 
-CHAPTERS = ["model01", "model02", "model03", "model04", "model05"]
+CHAPTERS = ["model01", "model02", "model03", "model04", "model05", "model06"]
 MATMUL_N = 1024
 
 
@@ -151,7 +151,8 @@ def main(argv=None):
     p.add_argument("--seconds", type=experiment.positive_float, default=3.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--out", default=os.path.join("assets", "bench.json"), help="results JSON ('' = none)")
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"),
+                   help="results JSON ('' = none); the README's speed table reads the shipped assets/bench.json")
     args = p.parse_args(argv)
     try:
         device = experiment.get_device(args.device)

@@ -4,6 +4,7 @@ log-scale p(x|z) predicts, active units), roughness, and the pictures: grids of 
 of p(x|z), the layer grid of a hierarchy, the training curve and the colour runs' test curves.
 """
 import json
+import math
 import os
 import statistics
 
@@ -161,11 +162,12 @@ def curve_top(curves, jump=2.0):
     return max(kept) + 0.05 * max(max(kept) - min(kept), 0.1)
 
 
-def plot_colour_curves(results_paths, path):
-    """One figure with every colour run's per-epoch test ELBO (bits/dim on the fixed test subset). Returns
-    the number of curves drawn (none: no figure)."""
+def plot_colour_curves(results_paths, path, labels=None):
+    """One figure with every colour run's per-epoch test ELBO (bits/dim on the fixed test subset), in the order of
+    results_paths, each curve named by labels[run name] (default: the run's name). Returns the number of curves
+    drawn (none: no figure)."""
     runs = []
-    for p in sorted(results_paths):
+    for p in results_paths:
         with open(p) as f:
             r = json.load(f)
         if r.get("test_curve") and "elbo_bpd" in r["test_curve"][0]:
@@ -179,7 +181,8 @@ def plot_colour_curves(results_paths, path):
     top = curve_top([bpd for _, bpd in curves])
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r, (epochs, bpd) in zip(runs, curves):
-        line, = ax.plot(epochs, [min(value, top) for value in bpd], marker=".", lw=1, label=r["model"])
+        line, = ax.plot(epochs, [value if value <= top else math.nan for value in bpd], marker=".", lw=1,
+                        label=(labels or {}).get(r["model"], r["model"]))  # the line breaks at an off-scale epoch
         for epoch, value in zip(epochs, bpd):
             if value > top:  # off the scale: drawn at the top edge, with its value
                 ax.plot([epoch], [top], marker="^", color=line.get_color())

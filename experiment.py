@@ -20,6 +20,9 @@ from training import (GRAD_NORM_WINDOW, SCHEDULES, Diverged, Plan, Sitting, Skip
                       load_checkpoint, make_optimizer, now, restore, train)
 
 
+STARTED = time.time()  # wall_seconds in the results: the script's work, from its imports to its results
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
     """The flags every modelNN.py keeps; the script adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
-    p.add_argument("--out-dir", default="assets", help="grids, results JSON, training curve and checkpoint go here")
+    p.add_argument("--out-dir", default="runs", help="grids, results JSON, training curve and checkpoint go here "
+                                                     "(assets/ holds the shipped reference runs)")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs (the schedule is spread over them)")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimizer steps in all (smoke runs); the schedule still spans --epochs")
@@ -217,10 +221,28 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
         restore(blob, model, None if args.eval_only else optimizer, rng=args.resume)
         state, train_config = blob["state"], blob["config"]
     elif os.path.exists(ckpt_path) and not args.overwrite:
-        raise UserError(f"{ckpt_path} holds the checkpoint of an earlier run. Pass --resume to continue it, "
-                        f"--overwrite to start afresh (it is replaced), or another --out-dir.")
+        _refuse_to_replace(ckpt_path, device, data)
     return Run(name, script, "python " + " ".join([script, *argv]), model, optimizer, state, config, train_config,
                ckpt_path, device, channels_last, hardware_name(device))
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the reference runs the README reads
+
+
+def _refuse_to_replace(ckpt_path, device, data):
+    """A fresh run may replace a finished run of the user's own (running a chapter again), never an unfinished one
+    (it would be lost) nor a shipped reference run in assets/ (without --overwrite)."""
+    if os.path.dirname(os.path.abspath(ckpt_path)) == SHIPPED:
+        raise UserError(f"{ckpt_path} is a shipped reference run, which the README reads. Write your own run "
+                        f"elsewhere (the default --out-dir is runs/), or pass --overwrite to replace it.")
+    blob = load_checkpoint(ckpt_path, device)
+    state, config = blob["state"], blob["config"]
+    planned = config["epochs"] * math.ceil(len(data.train) / config["batch_size"])
+    if state.stopped_by_guard is None and state.step < min(planned, config.get("max_steps") or planned):
+        raise UserError(f"{ckpt_path} holds an unfinished run (step {state.step} of {planned}). Pass --resume to "
+                        f"continue it, --overwrite to start afresh (it is replaced), or another --out-dir.")
+    print(f"{ckpt_path} holds a finished run: starting afresh (its checkpoint, grids and results are replaced; "
+          f"--resume instead would evaluate it again).", file=sys.stderr)
 
 
 def _check_checkpoint_fits(blob, name, ckpt_path, config, resume):
@@ -330,11 +352,12 @@ def results_path(run, args):
 def write_results(run, args, results, eval_pmf):
     """<name>_results.json (written whole or not at all), the colour runs' curves, and the one-line summary."""
     path = results_path(run, args)
+    results["wall_seconds"] = round(time.time() - STARTED, 1)
     with open(f"{path}.tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(f"{path}.tmp", path)
     if eval_pmf:
-        plot_colour_curves([os.path.join(args.out_dir, f) for f in os.listdir(args.out_dir)
+        plot_colour_curves([os.path.join(args.out_dir, f) for f in sorted(os.listdir(args.out_dir))
                             if f.endswith("_results.json")], os.path.join(args.out_dir, "colour_curves.png"))
     print(f"{run.name}: test log p(x) = {results['test_llh_nats']:.2f} +- {results['test_llh_stderr']:.2f} nats"
           + (f" = {results['test_bpd']:.3f} bits/dim" if eval_pmf else "")

@@ -58,11 +58,24 @@ def test_resume_refuses_other_flags(mnist_dir, tmp_path, capsys):
     assert "--resume needs the flags" in capsys.readouterr().err
 
 
-def test_existing_checkpoint_is_not_overwritten(mnist_dir, tmp_path, capsys):
-    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 0
+def test_an_unfinished_run_is_never_replaced_and_a_finished_one_is_run_again(mnist_dir, tmp_path, capsys):
+    assert model01.main(args(mnist_dir, tmp_path, "--time-limit", "1e-9")) == 0  # stops after its first step
+    assert model01.main(args(mnist_dir, tmp_path)) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    assert not (tmp_path / "model01_results.json").exists()
+    assert model01.main(args(mnist_dir, tmp_path, "--resume")) == 0  # finishes it
+    assert results(tmp_path)["steps"] == 8
+    assert model01.main(args(mnist_dir, tmp_path, "--epochs", "1")) == 0  # a finished run: starts afresh
+    assert "finished run: starting afresh" in capsys.readouterr().err
+    assert results(tmp_path)["steps"] == 4
+
+
+def test_a_shipped_reference_run_is_not_replaced(mnist_dir, monkeypatch, tmp_path, capsys):
+    import experiment
+    monkeypatch.setattr(experiment, "SHIPPED", str(tmp_path))
+    (tmp_path / "model01_checkpoint.pt").write_bytes(b"stands for a shipped checkpoint")
     assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1", "--overwrite")) == 0
+    assert "shipped reference run" in capsys.readouterr().err
 
 
 def test_eval_only_reproduces_the_number(mnist_dir, tmp_path):
