@@ -34,7 +34,7 @@ class Compiled:
     _warned = set()
 
     def __init__(self, fn, enabled=True, what="", mode=None, options=None):
-        self.fn, self.what, self.compiled_fn = fn, what, None
+        self.fn, self.what, self.compiled_fn, self.proven = fn, what, None, False
         if enabled:
             try:
                 self.compiled_fn = torch.compile(fn, dynamic=False, mode=mode, options=options)
@@ -51,24 +51,33 @@ class Compiled:
                   f"attempt.", file=sys.stderr)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled_fn is not None:
-            try:
-                return self.compiled_fn(*args, **kwargs)
-            except Exception as err:  # a backend that fails at the first call (missing compiler, ...)
-                self._fall_back(err)
-        return self.fn(*args, **kwargs)
+        if self.compiled_fn is None:
+            return self.fn(*args, **kwargs)
+        if self.proven:  # compiled once: any later error is the program's, not the compiler's
+            return self.compiled_fn(*args, **kwargs)
+        try:
+            out = self.compiled_fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # a backend that fails at the first call (missing compiler, ...)
+            if "CUDA" in str(err):  # a device error, which eager would meet too
+                raise
+            self._fall_back(err)
+            return self.fn(*args, **kwargs)
+        self.proven = True
+        return out
 
 
 EVAL_COMPILE_OPTIONS = {"freezing": True}  # inference only: see common.evaluation_fn
 
 
 def configure_device(model, device, amp, channels_last):
-    """TF32 matmuls on CUDA; bf16 autocast for the networks only (`amp`); channels_last convolutions."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if amp:
-        model.amp_dtype = torch.bfloat16
+    """With `amp`: bf16 autocast for the networks only, and TF32 matmuls and convolutions on CUDA (off otherwise, so
+    that --no-amp is float32 throughout); channels_last convolutions. Returns the model."""
+    tf32 = amp and device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    model.amp_dtype = torch.bfloat16 if amp else None
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model

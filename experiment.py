@@ -165,6 +165,7 @@ class Run:
     device: torch.device
     channels_last: bool
     hardware: str
+    settings: dict  # resolved: amp, tf32, compile, channels_last, world size, evaluation dtype
 
 
 def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, adam_eps=1e-8, extra_grids=None,
@@ -222,8 +223,10 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
         state, train_config = blob["state"], blob["config"]
     elif os.path.exists(ckpt_path) and not args.overwrite:
         _refuse_to_replace(ckpt_path, device, data)
+    settings = {"amp": amp, "tf32": torch.backends.cuda.matmul.allow_tf32, "compile": args.compile,
+                "channels_last": channels_last, "world_size": 1, "eval_dtype": "float32"}
     return Run(name, script, "python " + " ".join([script, *argv]), model, optimizer, state, config, train_config,
-               ckpt_path, device, channels_last, hardware_name(device))
+               ckpt_path, device, channels_last, hardware_name(device), settings)
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the reference runs the README reads
@@ -283,7 +286,9 @@ def train_run(run, args, data, loss, eval_pmf, argv):
 
 def evaluate_run(run, args, data, x_test, eval_pmf, extra_grids):
     """log p(x) with S samples, the balance statistics, the S sweep, the grids and image_stats, in that order (the
-    order of the random draws that the shipped results were written with)."""
+    order of the random draws that the shipped results were written with). Always in float32: bf16 (--amp) is for
+    training only, so that a checkpoint scores the same network on any device."""
+    run.model.amp_dtype = None
     t0 = time.time()
     llh = estimate_log_likelihood(run.model, x_test, args.eval_samples, args.eval_max_rows, eval_pmf,
                                   compile=args.compile)
@@ -329,7 +334,7 @@ def _results(run, args, data, llh_nats, llh_stderr, eval_seconds, eval_images):
         "test_curve": [dict(zip(("epoch", "step", "elbo_nats", "rate_nats", "distortion_nats"), row))
                        for row in state.test_curve],
         "device": str(run.device), "hardware": run.hardware, "torch_version": torch.__version__,
-        "command": run.command, "eval_only": args.eval_only, "finished": now(),
+        "command": run.command, "eval_only": args.eval_only, "settings": run.settings, "finished": now(),
     }
     if state.stopped_by_guard is not None:
         results["stopped_by_guard"] = state.stopped_by_guard

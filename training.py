@@ -79,7 +79,7 @@ def save_checkpoint(path, model, optimizer, state, config):
     """Written to a temporary file, then renamed: an interrupted write never leaves a broken checkpoint."""
     blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "state": state.__dict__, "config": config, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # the current GPU's only
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(blob, tmp)
@@ -129,8 +129,11 @@ def restore(blob, model, optimizer=None, rng=True):
         optimizer.load_state_dict(blob["optimizer"])
     if rng:
         torch.set_rng_state(blob["rng_cpu"].cpu())
-        if blob["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng_cuda"]])
+        rng_cuda = blob["rng_cuda"]
+        if isinstance(rng_cuda, list):  # written before only the current GPU's state was kept: every GPU's
+            rng_cuda = rng_cuda[0] if rng_cuda else None
+        if rng_cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng_cuda.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -117,3 +117,51 @@ def test_a_step_far_above_the_recent_gradient_norms_is_skipped(tmp_path):
     assert guarded.skips[0]["threshold"] == pytest.approx(11.0)  # 10 x the median of 1, 1.1, 1.2, ...
     assert len(guarded.recent_grad_norms) == training.GRAD_NORM_WINDOW
     assert run(math.inf).skipped_steps == 0
+
+
+def test_evaluation_is_float32_whatever_the_training_precision(cifar_bin_dir, tmp_path):
+    """--amp trains the networks in bf16; scoring a checkpoint must not depend on it (the results say so)."""
+    assert model03.main(args(cifar_bin_dir, tmp_path / "run", "--max-steps", "2", "--no-compile")) == 0
+    ckpt = str(tmp_path / "run" / "model03_checkpoint.pt")
+    found = {}
+    for amp in ["--amp", "--no-amp"]:
+        out = tmp_path / amp
+        assert model03.main(args(cifar_bin_dir, out, "--eval-only", "--checkpoint", ckpt, "--no-compile", amp)) == 0
+        found[amp] = json.loads((out / "model03_results.json").read_text())
+    assert found["--amp"]["test_llh_nats"] == found["--no-amp"]["test_llh_nats"]
+    assert found["--amp"]["settings"]["amp"] and found["--amp"]["settings"]["eval_dtype"] == "float32"
+    assert not found["--amp"]["settings"]["tf32"]  # TF32 is for CUDA, and only with --amp
+
+
+def test_beta_vae_fixes_the_variance_and_trains_on_beta_times_the_elbo(cifar_bin_dir, tmp_path):
+    model = model02.build_model(model02.parser().parse_args(["--beta", "0.25"]))
+    px_z = model.observation(torch.zeros(2, 3, 4, 4))  # the decoder gives the loc alone
+    assert torch.allclose(px_z.log_var, torch.full((2, 3, 4, 4), math.log(0.25)))
+    x = torch.rand(5, 3, 32, 32)
+    make_loss, name = model02.beta_vae_objective(0.25)
+    torch.manual_seed(0)
+    loss = make_loss(model)(x)
+    torch.manual_seed(0)
+    elbo = model02.common.iwae_bound(model, x, 1)["bound"].mean()
+    assert loss.item() == pytest.approx(-0.25 * elbo.item(), rel=1e-6) and "not a bound" in name
+    out = tmp_path / "out"
+    assert model02.main(args(cifar_bin_dir, out, "--max-steps", "2", "--beta", "0.3679")) == 0
+    res = json.loads((out / "model02_beta0.3679_results.json").read_text())
+    assert res["objective"].startswith("beta-VAE") and math.isfinite(res["test_bpd"])
+    assert model02.main(args(cifar_bin_dir, out, "--beta", "0.5", "--unbounded")) == 2
+
+
+@pytest.mark.parametrize("flags,name,params", [
+    (["--components", "1"], "model04_1component", 1 * (1 + 3 * 3)),
+    (["--no-autoregression"], "model04_no_autoregression", 10 * (1 + 2 * 3)),
+])
+def test_the_mixture_taken_apart(cifar_bin_dir, tmp_path, flags, name, params):
+    args_ = model04.parser().parse_args(flags)
+    observation = model04.build_model(args_).observation
+    assert observation.num_params(3) == params
+    px_z = observation(torch.randn(2, params, 4, 4))
+    assert (px_z.coeffs is None) == ("--no-autoregression" in flags)
+    x = torch.randint(0, 256, (2, 3, 4, 4)) / 255
+    assert torch.isfinite(px_z.log_prob(x)).all()
+    assert model04.main(args(cifar_bin_dir, tmp_path, "--max-steps", "2", *flags)) == 0
+    assert (tmp_path / f"{name}_results.json").exists() and not (tmp_path / "model04_results.json").exists()

@@ -117,6 +117,33 @@ def test_unavailable_compiler_falls_back_with_one_warning(capsys):
     assert "Traceback" not in err and "--no-compile" in err
 
 
+def test_after_a_first_good_call_errors_are_raised_not_hidden_by_a_fall_back(capsys):
+    calls = [0]
+
+    def flaky(t):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("an error of the program itself")
+        return t.sum()
+
+    wrapped = devices.Compiled(flaky, True, "a proven path")
+    wrapped.compiled_fn = flaky  # stands for the compiled function: it worked on the first call
+    assert wrapped(torch.ones(2)).item() == 2.0
+    with pytest.raises(RuntimeError, match="of the program itself"):
+        wrapped(torch.ones(2))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_device_error_at_the_first_call_is_raised():
+    def oom(t):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    wrapped = devices.Compiled(lambda t: t.sum(), True, "a path on a full GPU")
+    wrapped.compiled_fn = oom
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        wrapped(torch.ones(2))
+
+
 def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "model01", "--seconds", "0.2", "--device", "cpu", "--out", str(out)]) == 0
