@@ -102,7 +102,10 @@ def measure(chapter, device, optimized, seconds):
     x_eval = devices.to_device(fake_batch(chapter, images, device), device, channels_last)
     estimate = lambda compile: common.estimate_log_likelihood(model, x_eval, samples, rows, chapter.eval_pmf,
                                                               progress=False, compile=compile)
-    eval_flops = count_flops(lambda: estimate(False))
+    # the estimator's work is one encoding per image and S decodings: log_weights with k = S does the same, and it
+    # runs with autograd on, which the flop counter's module tracker needs (it fails under the estimator's no_grad)
+    with torch.enable_grad():
+        eval_flops = count_flops(lambda: common.log_weights(model, x_eval, samples, chapter.eval_pmf))
     peak_eval = matmul_rate(device)
     n, elapsed = timed(lambda: estimate(optimized), device, seconds, warmup=1)
     pairs = images * samples

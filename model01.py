@@ -14,7 +14,7 @@ The paper's protocol is  --batch-size 20 --schedule iwae --epochs 3280.
 
 Run:  python model01.py --data-dir ../shared/data
       (--epochs N spreads the same schedule over N epochs; --time-limit MINUTES stops and resumes)
-It writes assets/model01_{imgs,recs,samples,samples_var,curve}.png, model01_results.json and
+It writes runs/model01_{imgs,recs,samples,samples_var,curve}.png, model01_results.json and
 model01_checkpoint.pt, and prints the test log-likelihood estimated with 5000 importance samples.
 """
 import torch

@@ -31,7 +31,7 @@ Run:  python model02.py --data-dir ../shared/data            (bounded)
       python model02.py --data-dir ../shared/data --unbounded
       python model02.py --data-dir ../shared/data --unbounded --dequantize
       python model02.py --data-dir ../shared/data --beta 0.3679   (beta = e^-1, the bounded model's variance floor)
-It writes assets/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
+It writes runs/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
 model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
 with --beta).
 """

@@ -13,7 +13,7 @@ logistic (s^2 pi^2 / 3 in [exp(-1), e]); `--unbounded` removes it.
 
 Run:  python model03.py --data-dir ../shared/data            (bounded)
       python model03.py --data-dir ../shared/data --unbounded
-It writes assets/model03_{imgs,recs,samples,samples_var,curve}.png, model03_results.json and
+It writes runs/model03_{imgs,recs,samples,samples_var,curve}.png, model03_results.json and
 model03_checkpoint.pt (model03_unbounded_* with --unbounded).
 """
 import math

@@ -16,7 +16,7 @@ with independent channels (coefficients fixed at 0), each against model03 --unbo
 Run:  python model04.py --data-dir ../shared/data
       python model04.py --data-dir ../shared/data --components 1
       python model04.py --data-dir ../shared/data --no-autoregression
-It writes assets/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
+It writes runs/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
 model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). With autoregression
 the grid of samples' means is a Monte Carlo mean (100 draws): the exact mean is a sum over 256^3 colours per pixel.
 """

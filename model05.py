@@ -19,7 +19,7 @@ The hierarchy's interface (the top-down pass, the log-weight parts per layer) is
 Run:  python model05.py --data-dir ../shared/data                         (mixture, 3 layers)
       python model05.py --data-dir ../shared/data --obs logistic --unbounded --layers 2 --dataset svhn
                                               (close to the original vae-mdl's try: two layers, SVHN)
-It writes assets/model05_mixture_{imgs,recs,samples,samples_var,curve,layers}.png, model05_mixture_results.json
+It writes runs/model05_mixture_{imgs,recs,samples,samples_var,curve,layers}.png, model05_mixture_results.json
 and model05_mixture_checkpoint.pt (model05_logistic[_unbounded]_* with --obs logistic). model05_*_layers.png
 shows what each layer encodes: each row keeps one draw of the top layers from the prior and resamples the
 layers below it.
