@@ -391,8 +391,9 @@ class LatentVariableModel(nn.Module):
     stochastic layers: `encode(x)` (the part of inference that sees only x, run once per image), `log_weight_parts`,
     `reconstruct(x)`, `generate(n)` and `posterior_means(x)`. A model sets `decoder` (the networks' output -> the
     raw parameters of p(x|z)) and `observation` (raw parameters -> p(x|z)), which `decode` joins. The networks run
-    under `amp_dtype` autocast when it is set (`--amp`); their outputs are cast to float32 before any distribution
-    sees them."""
+    under `amp_dtype` autocast when it is set (`--amp`), but for the decoder's last layer, which runs in float32 (a
+    mean's precision near 1 in bf16 is about one 8-bit bin, which bits/dim counts); their outputs are cast to float32
+    before any distribution sees them."""
     amp_dtype = None  # e.g. torch.bfloat16: autocast for the networks only
 
     def autocast(self, device_type):
@@ -405,10 +406,16 @@ class LatentVariableModel(nn.Module):
         event (C, H, W)."""
         with self.autocast(h.device.type):
             out = self.decoder(h)  # (*, P, H, W): the observation model's raw parameters
-        # Compiled on CPU, the networks and the likelihood ran slower as one graph than as two (inductor's
-        # fused likelihood kernels read the convolutions' output badly), in training and in evaluation.
-        torch._dynamo.graph_break()
+        if h.device.type == "cpu":
+            # Compiled on CPU, the networks and the likelihood ran slower as one graph than as two (inductor's fused
+            # likelihood kernels read the convolutions' output badly), in training and in evaluation. On a GPU
+            # one graph is one CUDA-graph replay per step; a break there would add one at every caller.
+            torch._dynamo.graph_break()
         return self.observation(out.float())
+
+    def decoder_head(self):
+        """The decoder's last layer, which writes the raw parameters of p(x|z) (under --amp it runs in float32)."""
+        return self.decoder.net[-1]
 
     def encode(self, x):
         raise NotImplementedError
@@ -590,7 +597,7 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
     lse_fn = evaluation_fn(model, compile)
     # One preallocated result, not a list of small tensors: holding thousands of them made the compiled evaluation's
     # memory grow with every image, until a 10,000-image evaluation ran out of memory.
-    out = torch.empty(len(x), dtype=torch.float64)
+    out = torch.empty(len(x), dtype=torch.float64, device=x.device)  # on the device: no wait per batch of images
     done = 0
     bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -603,7 +610,7 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
         done += len(xb)
         bar.update(len(xb))
     bar.close()
-    return out
+    return out.cpu()
 
 
 def mean_and_stderr(values):

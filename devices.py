@@ -71,13 +71,28 @@ class Compiled:
 EVAL_COMPILE_OPTIONS = {"freezing": True}  # inference only: see common.evaluation_fn
 
 
+def in_float32(module):
+    """Makes `module` run in float32 under autocast (its input cast up); its weights and state-dict keys stay."""
+    if getattr(module, "in_float32", False):
+        return
+    forward = module.forward
+
+    def float32_forward(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float())
+    module.forward, module.in_float32 = float32_forward, True
+
+
 def configure_device(model, device, amp, channels_last):
-    """With `amp`: bf16 autocast for the networks only, and TF32 matmuls and convolutions on CUDA (off otherwise, so
-    that --no-amp is float32 throughout); channels_last convolutions. Returns the model."""
+    """With `amp`: bf16 autocast for the networks but the decoder's last layer (model.decoder_head()), and TF32
+    matmuls and convolutions on CUDA (off otherwise, so that --no-amp is float32 throughout); channels_last
+    convolutions. Returns the model."""
     tf32 = amp and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     model.amp_dtype = torch.bfloat16 if amp else None
+    if amp:
+        in_float32(model.decoder_head())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model

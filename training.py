@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import signal
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -153,17 +152,27 @@ def make_optimizer(model, lr, eps=1e-8):
     return torch.optim.Adam(model.parameters(), lr=lr, eps=eps, fused=True)
 
 
-def train_step(model, optimizer, loss_fn, x, skip_grad_norm=math.inf):
+def grad_norm(model):
+    """The gradients' total 2-norm, as clip_grad_norm_ computes it, without rescaling them."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(grads, math.inf)
+
+
+def train_step(model, optimizer, loss_fn, x, threshold=math.inf):
     """One Adam step on loss_fn(x), unless the loss or the gradient norm is not finite or the norm exceeds
-    skip_grad_norm. Returns the loss, the gradient norm and whether the step was taken."""
+    `threshold` (a number, or a 0-dim float32 tensor on the device). Decided on the device, so the host never waits
+    for it: fused Adam's found_inf (a gradient scaler's switch) makes the update, step count included, a no-op.
+    Returns the loss, the gradient norm and whether the step was taken, as tensors on the device."""
     loss = loss_fn(x)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-    stepped = bool(torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm <= skip_grad_norm)
-    if stepped:
-        optimizer.step()
-    return loss, grad_norm, stepped
+    norm = grad_norm(model)
+    taken = torch.isfinite(loss) & torch.isfinite(norm) & (norm <= threshold)
+    optimizer.found_inf = (~taken).float()
+    optimizer.step()
+    return loss.detach(), norm, taken
 
 
 def finite_or_none(value):
@@ -175,33 +184,69 @@ def finite_or_none(value):
 class SkipGuard:
     """Skips a step whose loss or gradient norm is not finite, or whose norm exceeds `max_norm` or `ratio` times
     the median norm of the last GRAD_NORM_WINDOW steps taken (once there are that many); counts and lists the
-    skips in the TrainState, and stops the run (state.stopped_by_guard) after `max_in_a_row` skips in a row."""
+    skips in the TrainState, and stops the run (state.stopped_by_guard) after `max_in_a_row` skips in a row.
+
+    The decision is made on the device (`threshold`, then `train_step`; the recent norms are kept there too); the
+    host learns of it when it `read`s the steps since the last read, which the loop does every step on a CPU and
+    every plan.log_every steps on a GPU (so there a stop by the guard comes up to that many steps late)."""
     max_norm: float = math.inf
     ratio: float = math.inf
     max_in_a_row: int = 100
     in_a_row: int = 0
 
-    def threshold(self, state):
-        if math.isfinite(self.ratio) and len(state.recent_grad_norms) >= GRAD_NORM_WINDOW:
-            return min(self.max_norm, self.ratio * statistics.median(state.recent_grad_norms))
-        return self.max_norm
+    def start(self, state, device):
+        """The recent norms (state.recent_grad_norms) on the device, oldest first, and no steps pending."""
+        recent = state.recent_grad_norms[-GRAD_NORM_WINDOW:]
+        self.norms = torch.zeros(GRAD_NORM_WINDOW, dtype=torch.float64, device=device)
+        if recent:
+            self.norms[GRAD_NORM_WINDOW - len(recent):] = torch.tensor(recent, dtype=torch.float64)
+        self.count = torch.tensor(len(recent), device=device)
+        self.max_norm_t = torch.tensor(self.max_norm, dtype=torch.float64, device=device)
+        self.pending, self.pending_host = [], []
 
-    def record(self, state, loss, grad_norm, stepped, threshold):
-        if stepped:
+    def threshold(self):
+        """This step's largest gradient norm, a float64 0-dim tensor on the device."""
+        if not math.isfinite(self.ratio):
+            return self.max_norm_t
+        s, half = self.norms.sort().values, GRAD_NORM_WINDOW // 2
+        median = s[half] if GRAD_NORM_WINDOW % 2 else (s[half - 1] + s[half]) / 2  # as statistics.median
+        return torch.where(self.count >= GRAD_NORM_WINDOW, torch.clamp(self.ratio * median, max=self.max_norm),
+                           self.max_norm_t)
+
+    def after_step(self, where, loss, norm, taken, threshold):
+        """Keeps a taken step's norm among the recent ones, and the step's record for the next `read`. `where`:
+        (the step's number, the epoch it was in, the completed epochs after it, its learning rate)."""
+        self.norms = torch.where(taken, torch.cat([self.norms[1:], norm.double().view(1)]), self.norms)
+        self.count = self.count + taken
+        self.pending.append(torch.stack([loss.double(), norm.double(), taken.double(), threshold]))
+        self.pending_host.append(where)
+
+    def read(self, state, log):
+        """The steps since the last read, on the host (one wait for the device): counted, listed, logged."""
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending).tolist()
+        for (step, epoch, epochs_after, lr), (loss, norm, taken, threshold) in zip(self.pending_host, rows):
+            self._record(state, step, epoch, loss, norm, bool(taken), threshold)
+            log.step(step, epochs_after, -loss if taken else None, lr)
+        self.pending, self.pending_host = [], []
+
+    def _record(self, state, step, epoch, loss, norm, taken, threshold):
+        if taken:
             self.in_a_row = 0
-            state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [grad_norm.item()]
+            state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [norm]
             return
         state.skipped_steps += 1
         self.in_a_row += 1
         if len(state.skips) < MAX_SKIPS_LISTED:
-            state.skips.append({"step": state.step + 1, "loss": finite_or_none(loss.item()),
-                                "grad_norm": finite_or_none(grad_norm.item()), "threshold": finite_or_none(threshold)})
-        if self.in_a_row >= self.max_in_a_row:
+            state.skips.append({"step": step, "loss": finite_or_none(loss), "grad_norm": finite_or_none(norm),
+                                "threshold": finite_or_none(threshold)})
+        if self.in_a_row >= self.max_in_a_row and state.stopped_by_guard is None:
             # the skipped steps left the weights as the last step taken made them: keep those, as a result
             state.stopped_by_guard = {
-                "step": state.step + 1, "epoch": state.epoch, "skipped_in_a_row": self.in_a_row,
+                "step": step, "epoch": epoch, "skipped_in_a_row": self.in_a_row,
                 "reason": f"{self.in_a_row} steps in a row had a non-finite loss or a gradient norm above "
-                          f"{threshold:g} (last loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g})"}
+                          f"{threshold:g} (last loss {loss:.4g}, gradient norm {norm:.4g})"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,60 +296,75 @@ class Sitting:
     command: str = ""
 
 
-def _next_batch(state, train_x, batch_size, device):
-    """The batch at state.pos in the epoch's order (a new order at each epoch's start)."""
-    if state.perm is None:
-        state.perm, state.pos = torch.randperm(len(train_x)), 0
-    return train_x[state.perm[state.pos:state.pos + batch_size].to(device)]
+class _Batches:
+    """The batches of an epoch: the training set, in an order drawn at each epoch's start (state.perm, saved with
+    the checkpoint, and a copy on the device so that indexing never waits for a copy), from state.pos on."""
+
+    def __init__(self, state, train_x, batch_size):
+        self.state, self.train_x, self.batch_size, self.perm, self.perm_device = state, train_x, batch_size, None, None
+
+    def next(self):
+        state = self.state
+        if state.perm is None:
+            state.perm, state.pos = torch.randperm(len(self.train_x)), 0
+        if self.perm is not state.perm:
+            self.perm, self.perm_device = state.perm, state.perm.to(self.train_x.device)
+        return self.train_x[self.perm_device[state.pos:state.pos + self.batch_size]]
 
 
 def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_end=None, compile=False,
-          compile_mode=None, channels_last=False, progress=True):
+          compile_mode=None, channels_last=False, progress=True, read_every=None):
     """Minimise `loss` (a function of a batch) with Adam until the plan's end, its step limit or its time limit
     (then the checkpoint is written and the caller sees state.step short of the end). The training set stays one
-    tensor on the model's device (no DataLoader); `guard` (a SkipGuard) decides which steps are taken. Checkpoints:
-    every plan.checkpoint_minutes, at the end, at the time limit, on Ctrl-C and SIGTERM; `state` resumes exactly
-    (the epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs after every epoch and its
-    tuple goes into state.test_curve. The sitting is recorded in state.segments."""
+    tensor on the model's device (no DataLoader); `guard` (a SkipGuard) decides on the device which steps are
+    taken, and the host reads its decisions and the losses every `read_every` steps (default: every step on a CPU,
+    every plan.log_every on a GPU, so that the GPU never waits for the host). Checkpoints: every
+    plan.checkpoint_minutes, at the end, at the time limit, on Ctrl-C and SIGTERM; `state` resumes exactly (the
+    epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple
+    goes into state.test_curve. The sitting is recorded in state.segments."""
     device = next(model.parameters()).device
     train_x = data.train.to(device)
     total_steps = plan.epochs * math.ceil(len(train_x) / plan.batch_size)
     last_step = total_steps if plan.max_steps is None else min(total_steps, plan.max_steps)
     if state.step >= last_step:  # a finished run resumed (to evaluate it again): no new training segment
         return state
+    read_every = read_every or (1 if device.type == "cpu" else plan.log_every)
     guard = guard or SkipGuard()
+    guard.start(state, device)
     loss_fn = Compiled(loss, compile, "training", compile_mode)
+    batches = _Batches(state, train_x, plan.batch_size)
     log = _Log(state, last_step, plan.log_every, progress)
-    checkpoint = _Checkpointer(state, sitting, model, optimizer)
+    checkpoint = _Checkpointer(state, sitting, model, optimizer, before=lambda: guard.read(state, log))
     deadline = math.inf if plan.time_limit_minutes is None else time.time() + 60 * plan.time_limit_minutes
     state.stopped_by_guard = None
     model.train()
     try:
         with sigterm_as_interrupt():
             while state.step < last_step and time.time() < deadline and state.stopped_by_guard is None:
-                x = to_device(data.train_batch(_next_batch(state, train_x, plan.batch_size, device)), device,
-                              channels_last)
+                x = to_device(data.train_batch(batches.next()), device, channels_last)
                 lr = plan.lr_at(state.step, total_steps, plan.base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                threshold = guard.threshold(state)
-                step_loss, grad_norm, stepped = train_step(model, optimizer, loss_fn, x, threshold)
-                guard.record(state, step_loss, grad_norm, stepped, threshold)
+                threshold = guard.threshold()
+                outcome = train_step(model, optimizer, loss_fn, x, threshold.float())
+                epoch = state.epoch
                 state.step, state.pos = state.step + 1, state.pos + plan.batch_size
                 if state.pos >= len(train_x):
                     state.epoch, state.perm = state.epoch + 1, None
-                    if epoch_end is not None:
-                        state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
-                        model.train()
-                log.step(-step_loss.item() if stepped else None, lr)
+                guard.after_step((state.step, epoch, state.epoch, lr), *outcome, threshold)
+                if state.step % read_every == 0 or state.epoch > epoch or state.step == last_step:
+                    guard.read(state, log)
+                if state.epoch > epoch and epoch_end is not None:
+                    state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
+                    model.train()
                 checkpoint.every(plan.checkpoint_minutes)
     except KeyboardInterrupt:
         checkpoint()
         log.close()
         raise UserError(f"Interrupted at step {state.step}; saved {sitting.ckpt_path}. Continue with the same "
                         f"command and --resume.") from None
-    log.close()
     checkpoint()
+    log.close()
     return state
 
 
@@ -316,13 +376,14 @@ class _Log:
         self.bar = tqdm(total=last_step, initial=min(state.step, last_step), desc="train", unit="step",
                         disable=not progress, dynamic_ncols=True)
 
-    def step(self, bound, lr):
+    def step(self, step, epoch, bound, lr):
+        """After step number `step` (`epoch` epochs completed), whose bound was `bound` (None: skipped)."""
         state = self.state
         if bound is not None:
             self.running.append(bound)
-        if self.running and (state.step % self.every == 0 or state.step == self.last_step):
-            state.history.append((state.step, state.epoch, sum(self.running) / len(self.running)))
-            postfix = {"bound": f"{state.history[-1][2]:.2f}", "lr": f"{lr:.1e}", "epoch": state.epoch,
+        if self.running and (step % self.every == 0 or step == self.last_step):
+            state.history.append((step, epoch, sum(self.running) / len(self.running)))
+            postfix = {"bound": f"{state.history[-1][2]:.2f}", "lr": f"{lr:.1e}", "epoch": epoch,
                        "skipped": state.skipped_steps}
             if state.test_curve:
                 postfix["test_elbo"] = f"{state.test_curve[-1][2]:.2f}"
@@ -337,8 +398,9 @@ class _Log:
 class _Checkpointer:
     """Writes the checkpoint and keeps the sitting's segment in state.segments up to date."""
 
-    def __init__(self, state, sitting, model, optimizer):
-        self.state, self.sitting, self.model, self.optimizer = state, sitting, model, optimizer
+    def __init__(self, state, sitting, model, optimizer, before=None):
+        """`before()` runs before each save (it brings the host's record of the steps up to date)."""
+        self.state, self.sitting, self.model, self.optimizer, self.before = state, sitting, model, optimizer, before
         self.t_start = self.last_save = time.time()
         self.t0 = self.t_start - state.train_seconds
         self.segment = {"start": now(), "end": None, "first_step": state.step, "last_step": state.step,
@@ -346,6 +408,8 @@ class _Checkpointer:
         state.segments.append(self.segment)
 
     def __call__(self):
+        if self.before is not None:
+            self.before()
         t = time.time()
         self.state.train_seconds = t - self.t0
         self.segment.update(end=now(), last_step=self.state.step, seconds=round(t - self.t_start, 1))
