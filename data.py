@@ -13,8 +13,16 @@ Sources, in the order they are tried:
 - SVHN: `<data-dir>/{train,test}_32x32.mat` (the official files, as torchvision stores them),
   downloaded with torchvision's utilities (md5 checked) when missing.
 """
+import contextlib
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: torchrun's processes there could download at once
+    fcntl = None
 
 import numpy as np
 import torch
@@ -101,6 +109,22 @@ def _remove_empty(created):
             os.rmdir(d)
 
 
+@contextlib.contextmanager
+def _one_process_at_a_time(data_dir):
+    """Under torchrun every process loads the data: the first to come downloads it, the others wait for it (a lock
+    file in the temporary folder, named for data_dir), then read what it wrote."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or fcntl is None:
+        yield
+        return
+    key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"vae-mdl-data-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load_mnist(data_dir, binarization="dynamic", download=True):
     """Binarized MNIST as in the IWAE paper.
 
@@ -112,8 +136,9 @@ def load_mnist(data_dir, binarization="dynamic", download=True):
     created = [d for d in (data_dir, os.path.join(data_dir, "MNIST"), os.path.join(data_dir, "MNIST", "raw"))
                if not os.path.exists(d)]
     try:
-        train = MNIST(data_dir, train=True, download=download).data
-        test = MNIST(data_dir, train=False, download=download).data
+        with _one_process_at_a_time(data_dir):
+            train = MNIST(data_dir, train=True, download=download).data
+            test = MNIST(data_dir, train=False, download=download).data
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... offline
         _remove_empty(created)
         raise _missing("MNIST", os.path.join(data_dir, "MNIST", "raw"),
@@ -191,4 +216,5 @@ def load_svhn(data_dir, download=True):
 
 
 def load_colour(name, data_dir, download=True):
-    return {"cifar10": load_cifar10, "svhn": load_svhn}[name](data_dir, download=download)
+    with _one_process_at_a_time(data_dir):
+        return {"cifar10": load_cifar10, "svhn": load_svhn}[name](data_dir, download=download)

@@ -1,13 +1,16 @@
-"""Where the work runs and how fast: the device's name for the results, seeding, and the speed plumbing
-(torch.compile with an eager fallback, bf16 autocast for the networks, TF32, channels_last).
+"""Where the work runs and how fast: the device's name for the results, seeding, the speed plumbing
+(torch.compile with an eager fallback, bf16 autocast for the networks, TF32, channels_last), and the processes of a
+run started by torchrun (one per GPU; on CPU, with the gloo backend, how the multi-GPU path is tested).
 
 The chapters never touch this module: `training.train` and `common.estimate_log_likelihood` take one
 `compile` flag, and `experiment.run_experiment` applies the device settings to the model it builds.
 """
+import os
 import platform
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 def hardware_name(device):
@@ -102,3 +105,76 @@ def to_device(x, device, channels_last=False):
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data parallel, rank 0 writes
+# ---------------------------------------------------------------------------------------------------
+def start_processes(device):
+    """Under torchrun (WORLD_SIZE > 1 in the environment): joins the process group (NCCL on CUDA, gloo on CPU)
+    and returns this process's device (on CUDA, the GPU of its LOCAL_RANK). Otherwise returns `device`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """The process that prints, and writes checkpoints, grids, curves and results."""
+    return rank() == 0
+
+
+def average_gradients(model, loss, share):
+    """Every rank's gradients and loss become the whole batch's: each rank's (a mean over its part of the batch)
+    weighted by its `share` of the batch's images, summed over ranks in one all-reduce. A non-finite value on any
+    rank reaches every rank, so all take the same decision on the step. Returns the batch's loss."""
+    params = list(model.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)]) * share
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+    return flat[-1]
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any (a stop asked of one process stops them all together)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_(tensor):
+    """Rank 0's `tensor`, in place on every rank."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, 0)
+    return tensor
+
+
+def gather_shards(values):
+    """The 1-d tensors that every rank computed for its shard (`shard`), joined in rank order on every rank."""
+    if not dist.is_initialized():
+        return values
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
+
+
+def shard(x):
+    """This rank's contiguous part of x (split as evenly as can be; ranks 0.. take one more where it is uneven)."""
+    return x.tensor_split(world_size())[rank()] if dist.is_initialized() else x

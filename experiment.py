@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from common import UserError, bits_per_dim, estimate_log_likelihood, mean_and_stderr, training_loss
-from devices import configure_device, hardware_name, seed_everything, to_device
+from devices import (configure_device, gather_shards, hardware_name, is_main, rank, seed_everything, shard,
+                     start_processes, to_device, world_size)
 from evaluation import (IMAGE_STATS_IMAGES, balance_stats, heldout_elbo, image_stats, plot_colour_curves,
                         plot_history, save_grids)
 from training import (GRAD_NORM_WINDOW, SCHEDULES, Diverged, Plan, Sitting, SkipGuard, TrainState, finite_or_none,
@@ -124,15 +125,20 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples",
+RESUMABLE_CHANGES = {"world_size", "max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples",
                      "eval_limit", "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
                      "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last",
                      "s_sweep", "s_sweep_images"}
 
 
+def launcher():
+    """How this process was started: python, or torchrun with its number of processes."""
+    return f"torchrun --nproc_per_node={world_size()}" if world_size() > 1 else "python"
+
+
 def resume_command(script, argv):
     argv = [a for a in argv if a != "--overwrite"]
-    return "python " + " ".join([script, *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"{launcher()} " + " ".join([script, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def cli(run, argv):
@@ -141,8 +147,12 @@ def cli(run, argv):
     try:
         run(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_main():  # under torchrun every rank meets the same error: one message
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -174,7 +184,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, ada
     (and `extra_grids(model, out_dir, name, eval_pmf)`, if given) and results. eval_pmf: score the probability of
     the 8-bit values and report bits/dim (the colour chapters). `objective`: (a function of the model that returns
     its training loss of a batch, a line that names it for the results); default minus the IWAE bound with --k
-    samples. Returns the results dict, or None when --time-limit stopped training before its end."""
+    samples. Returns the results dict, or None when --time-limit stopped training before its end (and on every
+    rank but 0 of a torchrun run, which writes nothing)."""
     run = open_run(args, argv, name, script, build_model, data, adam_eps)
     make_loss, objective_name = objective or (lambda m: training_loss(m, args.k), f"IWAE bound, k = {args.k}")
     if not args.eval_only and not train_run(run, args, data, make_loss(run.model), eval_pmf, argv):
@@ -182,6 +193,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, ada
     x_test = to_device(data.test_batch(data.test[:args.eval_limit] if args.eval_limit else data.test), run.device,
                        run.channels_last)
     results = evaluate_run(run, args, data, x_test, eval_pmf, extra_grids)
+    if results is None:
+        return None
     results["objective"] = objective_name
     write_results(run, args, results, eval_pmf)
     if run.state.stopped_by_guard is not None and not args.eval_only:
@@ -206,13 +219,16 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     where an earlier run's checkpoint would be replaced without --overwrite)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = get_device(args.device)
+    device = start_processes(get_device(args.device))
     amp = device.type == "cuda" if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same weights on every rank
     _make_out_dir(args.out_dir)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
-    config = {"model": name, "dataset": data.name, **vars(args)}
+    config = {"model": name, "dataset": data.name, **vars(args), "world_size": world_size()}
+    if args.batch_size < world_size():
+        raise UserError(f"--batch-size {args.batch_size} is split across {world_size()} processes: pass at least "
+                        f"one image per process.")
     model = configure_device(build_model().to(device), device, amp, channels_last)
     optimizer = make_optimizer(model, args.lr, adam_eps)
     state, train_config = TrainState(), config
@@ -223,10 +239,13 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
         state, train_config = blob["state"], blob["config"]
     elif os.path.exists(ckpt_path) and not args.overwrite:
         _refuse_to_replace(ckpt_path, device, data)
+    if rank() > 0:  # the same weights, each rank its own draws
+        torch.manual_seed(args.seed + 1_000_003 * rank() + state.step)
     settings = {"amp": amp, "tf32": torch.backends.cuda.matmul.allow_tf32, "compile": args.compile,
-                "channels_last": channels_last, "world_size": 1, "eval_dtype": "float32"}
-    return Run(name, script, "python " + " ".join([script, *argv]), model, optimizer, state, config, train_config,
-               ckpt_path, device, channels_last, hardware_name(device), settings)
+                "channels_last": channels_last, "world_size": world_size(), "eval_dtype": "float32"}
+    hardware = hardware_name(device) + (f", {world_size()} processes" if world_size() > 1 else "")
+    return Run(name, script, f"{launcher()} " + " ".join([script, *argv]), model, optimizer, state, config,
+               train_config, ckpt_path, device, channels_last, hardware, settings)
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the reference runs the README reads
@@ -244,13 +263,20 @@ def _refuse_to_replace(ckpt_path, device, data):
     if state.stopped_by_guard is None and state.step < min(planned, config.get("max_steps") or planned):
         raise UserError(f"{ckpt_path} holds an unfinished run (step {state.step} of {planned}). Pass --resume to "
                         f"continue it, --overwrite to start afresh (it is replaced), or another --out-dir.")
-    print(f"{ckpt_path} holds a finished run: starting afresh (its checkpoint, grids and results are replaced; "
-          f"--resume instead would evaluate it again).", file=sys.stderr)
+    if is_main():
+        print(f"{ckpt_path} holds a finished run: starting afresh (its checkpoint, grids and results are replaced; "
+              f"--resume instead would evaluate it again).", file=sys.stderr)
 
 
 def _check_checkpoint_fits(blob, name, ckpt_path, config, resume):
     if blob["config"].get("model") != name:
         raise UserError(f"{ckpt_path} was written by {blob['config'].get('model')}, not {name}.")
+    trained_on = blob["config"].get("world_size", 1)
+    if resume and trained_on != config["world_size"]:
+        raise UserError(f"{ckpt_path} was trained by {trained_on} process{'es' * (trained_on > 1)}, and this is "
+                        f"{config['world_size']}: --resume it with the same number (torchrun --nproc_per_node="
+                        f"{trained_on}, or python for 1), since its order of batches, random draws and steps follow "
+                        f"that number. Or start afresh with --overwrite.")
     if resume:
         changed = {key: (blob["config"].get(key), value) for key, value in config.items()
                    if key not in RESUMABLE_CHANGES and blob["config"].get(key) != value}
@@ -278,8 +304,9 @@ def train_run(run, args, data, loss, eval_pmf, argv):
                       channels_last=run.channels_last)
     planned = planned_steps(run, data)
     if run.state.stopped_by_guard is None and run.state.step < min(planned, args.max_steps or planned):
-        print(f"{run.name}: stopped at the time limit after step {run.state.step} of {planned} (epoch "
-              f"{run.state.epoch}); saved {run.ckpt_path}. Resume with:\n  {resume_command(run.script, argv)}")
+        if is_main():
+            print(f"{run.name}: stopped at the time limit after step {run.state.step} of {planned} (epoch "
+                  f"{run.state.epoch}); saved {run.ckpt_path}. Resume with:\n  {resume_command(run.script, argv)}")
         return False
     return True
 
@@ -287,12 +314,15 @@ def train_run(run, args, data, loss, eval_pmf, argv):
 def evaluate_run(run, args, data, x_test, eval_pmf, extra_grids):
     """log p(x) with S samples, the balance statistics, the S sweep, the grids and image_stats, in that order (the
     order of the random draws that the shipped results were written with). Always in float32: bf16 (--amp) is for
-    training only, so that a checkpoint scores the same network on any device."""
+    training only, so that a checkpoint scores the same network on any device. Under torchrun the log-likelihood is
+    sharded across the ranks and gathered; the rest is rank 0's, and the other ranks return None."""
     run.model.amp_dtype = None
     t0 = time.time()
-    llh = estimate_log_likelihood(run.model, x_test, args.eval_samples, args.eval_max_rows, eval_pmf,
-                                  compile=args.compile)
+    llh = gather_shards(estimate_log_likelihood(run.model, shard(x_test), args.eval_samples, args.eval_max_rows,
+                                                eval_pmf, progress=is_main(), compile=args.compile))
     eval_seconds = time.time() - t0
+    if not is_main():
+        return None
     llh_nats, llh_stderr = mean_and_stderr(llh)
     balance = balance_stats(run.model, x_test, eval_pmf)
     s_sweep = [_s_sweep_row(run, args, data, s, eval_pmf) for s in args.s_sweep or []]

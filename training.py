@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from common import UserError
-from devices import Compiled, to_device
+from devices import Compiled, any_rank, average_gradients, broadcast_, is_main, rank, to_device, world_size
 
 # ---------------------------------------------------------------------------------------------------
 # Learning-rate schedules
@@ -160,14 +160,18 @@ def grad_norm(model):
     return torch.nn.utils.clip_grad_norm_(grads, math.inf)
 
 
-def train_step(model, optimizer, loss_fn, x, threshold=math.inf):
+def train_step(model, optimizer, loss_fn, x, threshold=math.inf, share=None):
     """One Adam step on loss_fn(x), unless the loss or the gradient norm is not finite or the norm exceeds
     `threshold` (a number, or a 0-dim float32 tensor on the device). Decided on the device, so the host never waits
     for it: fused Adam's found_inf (a gradient scaler's switch) makes the update, step count included, a no-op.
+    With several processes, x is this rank's part of the batch, `share` its fraction of the batch's images, and
+    the gradients and loss are the whole batch's before anything is decided (`devices.average_gradients`).
     Returns the loss, the gradient norm and whether the step was taken, as tensors on the device."""
     loss = loss_fn(x)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if share is not None:
+        loss = average_gradients(model, loss, share)
     norm = grad_norm(model)
     taken = torch.isfinite(loss) & torch.isfinite(norm) & (norm <= threshold)
     optimizer.found_inf = (~taken).float()
@@ -298,18 +302,26 @@ class Sitting:
 
 class _Batches:
     """The batches of an epoch: the training set, in an order drawn at each epoch's start (state.perm, saved with
-    the checkpoint, and a copy on the device so that indexing never waits for a copy), from state.pos on."""
+    the checkpoint, and a copy on the device so that indexing never waits for a copy), from state.pos on. With
+    several processes, rank 0's order is every rank's, and each takes its part of every batch."""
 
     def __init__(self, state, train_x, batch_size):
         self.state, self.train_x, self.batch_size, self.perm, self.perm_device = state, train_x, batch_size, None, None
 
     def next(self):
+        """This process's images of the next batch, and their share of the batch (None with one process)."""
         state = self.state
         if state.perm is None:
             state.perm, state.pos = torch.randperm(len(self.train_x)), 0
         if self.perm is not state.perm:
-            self.perm, self.perm_device = state.perm, state.perm.to(self.train_x.device)
-        return self.train_x[self.perm_device[state.pos:state.pos + self.batch_size]]
+            self.perm, self.perm_device = state.perm, broadcast_(state.perm.to(self.train_x.device))
+            if world_size() > 1:
+                state.perm = self.perm = self.perm_device.cpu()
+        batch = self.perm_device[state.pos:state.pos + self.batch_size]
+        if world_size() == 1:
+            return self.train_x[batch], None
+        mine = batch.tensor_split(world_size())[rank()]
+        return self.train_x[mine], len(mine) / len(batch)
 
 
 def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_end=None, compile=False,
@@ -321,7 +333,10 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
     every plan.log_every on a GPU, so that the GPU never waits for the host). Checkpoints: every
     plan.checkpoint_minutes, at the end, at the time limit, on Ctrl-C and SIGTERM; `state` resumes exactly (the
     epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple
-    goes into state.test_curve. The sitting is recorded in state.segments."""
+    goes into state.test_curve. The sitting is recorded in state.segments.
+
+    Under torchrun every rank runs this loop on its part of each batch, with the same state; the ranks agree on
+    stopping (time limit, Ctrl-C, SIGTERM) when the host reads, and only rank 0 writes and shows progress."""
     device = next(model.parameters()).device
     train_x = data.train.to(device)
     total_steps = plan.epochs * math.ceil(len(train_x) / plan.batch_size)
@@ -333,20 +348,22 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
     guard.start(state, device)
     loss_fn = Compiled(loss, compile, "training", compile_mode)
     batches = _Batches(state, train_x, plan.batch_size)
-    log = _Log(state, last_step, plan.log_every, progress)
+    log = _Log(state, last_step, plan.log_every, progress and is_main())
     checkpoint = _Checkpointer(state, sitting, model, optimizer, before=lambda: guard.read(state, log))
     deadline = math.inf if plan.time_limit_minutes is None else time.time() + 60 * plan.time_limit_minutes
+    stop = _Stop(deadline, device)
     state.stopped_by_guard = None
     model.train()
     try:
-        with sigterm_as_interrupt():
-            while state.step < last_step and time.time() < deadline and state.stopped_by_guard is None:
-                x = to_device(data.train_batch(batches.next()), device, channels_last)
+        with stop.on_signals():
+            while state.step < last_step and not stop.now() and state.stopped_by_guard is None:
+                images, share = batches.next()
+                x = to_device(data.train_batch(images), device, channels_last)
                 lr = plan.lr_at(state.step, total_steps, plan.base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 threshold = guard.threshold()
-                outcome = train_step(model, optimizer, loss_fn, x, threshold.float())
+                outcome = train_step(model, optimizer, loss_fn, x, threshold.float(), share)
                 epoch = state.epoch
                 state.step, state.pos = state.step + 1, state.pos + plan.batch_size
                 if state.pos >= len(train_x):
@@ -354,18 +371,56 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
                 guard.after_step((state.step, epoch, state.epoch, lr), *outcome, threshold)
                 if state.step % read_every == 0 or state.epoch > epoch or state.step == last_step:
                     guard.read(state, log)
+                    stop.check()
                 if state.epoch > epoch and epoch_end is not None:
                     state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
                     model.train()
                 checkpoint.every(plan.checkpoint_minutes)
     except KeyboardInterrupt:
-        checkpoint()
-        log.close()
-        raise UserError(f"Interrupted at step {state.step}; saved {sitting.ckpt_path}. Continue with the same "
-                        f"command and --resume.") from None
+        stop.asked = True
     checkpoint()
     log.close()
+    if stop.asked:
+        raise UserError(f"Interrupted at step {state.step}; saved {sitting.ckpt_path}. Continue with the same "
+                        f"command and --resume.")
     return state
+
+
+class _Stop:
+    """When training stops early: at the deadline, or when Ctrl-C or SIGTERM asks. With one process a signal stops it
+    at once (KeyboardInterrupt); with several, a signal is noted, and at each `check` (when the host reads) every
+    rank learns whether any rank has passed its deadline or been asked, so that all stop after the same step."""
+
+    def __init__(self, deadline, device):
+        self.deadline, self.device, self.asked, self.agreed = deadline, device, False, False
+
+    def now(self):
+        if world_size() == 1:
+            return self.asked or time.time() >= self.deadline
+        return self.agreed
+
+    def check(self):
+        if world_size() > 1:
+            self.agreed = any_rank(self.asked or time.time() >= self.deadline, self.device)
+
+    @contextlib.contextmanager
+    def on_signals(self):
+        if world_size() == 1:
+            with sigterm_as_interrupt():
+                yield
+            return
+
+        def note(signum, frame):
+            self.asked = True
+        try:
+            previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _Log:
@@ -413,7 +468,8 @@ class _Checkpointer:
         t = time.time()
         self.state.train_seconds = t - self.t0
         self.segment.update(end=now(), last_step=self.state.step, seconds=round(t - self.t_start, 1))
-        save_checkpoint(self.sitting.ckpt_path, self.model, self.optimizer, self.state, self.sitting.config)
+        if is_main():  # every rank holds the same weights and state
+            save_checkpoint(self.sitting.ckpt_path, self.model, self.optimizer, self.state, self.sitting.config)
 
     def every(self, minutes):
         if time.time() - self.last_save > 60 * minutes:

@@ -1,0 +1,102 @@
+"""Several processes under torchrun, on CPU with the gloo backend (how the multi-GPU path is tested here): two ranks
+with half a batch each equal one process with the whole batch, a NaN on one rank makes both skip, evaluation sharded
+over the ranks equals one process, only rank 0 writes, a time-limit stop ends every rank, and --resume with another
+number of processes is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import write_cifar_bin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK = os.path.join(ROOT, "tests", "distributed_check.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(args, procs, cwd=ROOT):
+    """`torchrun --nproc_per_node=procs ARGS` (procs > 1) or `python ARGS`; its exit status and its output."""
+    head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+    p = subprocess.run(head + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")
+    for procs in (1, 2):
+        (tmp_path / str(procs)).mkdir()
+        rc, out = launch([CHECK, str(tmp_path / "data"), str(tmp_path / str(procs))], procs)
+        assert rc == 0, out
+    one = torch.load(tmp_path / "1" / "rank0.pt")
+    two = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(two[0]["weights"], two[1]["weights"])  # the ranks never drift apart
+    assert one["steps"] == two[0]["steps"] == 15 and one["skipped"] == two[0]["skipped"] == 0
+    change = one["weights"] - one["start"]
+    assert change.abs().max() > 1e-3  # the steps moved the weights...
+    assert (two[0]["weights"] - two[0]["start"] - change).abs().max() < 1e-5 * change.abs().max()  # ...alike
+    assert one["history"] == two[0]["history"]  # the whole batch's bound, on both
+    # 7 test images, sharded 4 + 3 and gathered: one process's numbers, in its order
+    assert len(two[0]["llh"]) == 7
+    assert torch.equal(two[0]["llh"], two[0]["llh_whole"])
+    assert torch.allclose(two[0]["llh"], one["llh"], rtol=1e-9)
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both(tmp_path):
+    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")
+    rc, out = launch([CHECK, str(tmp_path / "data"), str(tmp_path), "--nan-on-rank-1"], 2)
+    assert rc == 0, out
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"]) and ranks[0]["weights"].isfinite().all()
+
+
+def test_a_chapter_under_torchrun(tmp_path):
+    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")
+    common = ["--data-dir", str(tmp_path / "data"), "--batch-size", "8", "--eval-limit", "7", "--eval-samples", "2",
+              "--curve-images", "4", "--no-compile"]
+    out_dir = tmp_path / "runs"
+    rc, out = launch([os.path.join(ROOT, "model03.py"), "--out-dir", str(out_dir), "--max-steps", "4", *common], 2)
+    assert rc == 0, out
+    assert out.count("model03: test log p(x)") == 1  # one summary: rank 0's
+    results = json.loads((out_dir / "model03_results.json").read_text())
+    assert results["settings"]["world_size"] == 2 and results["eval_images"] == 7 and results["steps"] == 4
+    assert results["command"].startswith("torchrun --nproc_per_node=2 model03.py")
+    assert sorted(os.listdir(out_dir)) == sorted(f"model03_{s}" for s in (
+        "checkpoint.pt", "curve.png", "imgs.png", "recs.png", "results.json", "samples.png", "samples_var.png"))
+    # a run of 2 processes resumed by 1: refused, with the command that works
+    rc, out = launch([os.path.join(ROOT, "model03.py"), "--out-dir", str(out_dir), "--max-steps", "6", "--resume",
+                      *common], 1)
+    assert rc == 2 and "trained by 2 processes" in out and "torchrun --nproc_per_node=2" in out
+    assert "Traceback" not in out
+    # a time limit stops both ranks after the same step: no hang, one resume command, a checkpoint
+    rc, out = launch([os.path.join(ROOT, "model03.py"), "--out-dir", str(tmp_path / "limited"), "--time-limit",
+                      "0.02", *common], 2)
+    assert rc == 0, out
+    assert out.count("stopped at the time limit") == 1 and "torchrun --nproc_per_node=2 model03.py" in out
+    assert (tmp_path / "limited" / "model03_checkpoint.pt").exists()
+    assert not (tmp_path / "limited" / "model03_results.json").exists()
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
+    """torchrun passes SIGTERM (a scheduler's kill; Ctrl-C too) to its workers: they stop after the same step."""
+    import signal
+    import time
+    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              os.path.join(ROOT, "model03.py"), "--data-dir", str(tmp_path / "data"), "--out-dir",
+                              str(tmp_path / "runs"), "--batch-size", "8", "--curve-images", "0", "--no-compile"],
+                             cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while "train:" not in log.read_text() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.5)
+        time.sleep(1.0)  # inside the loop
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+    out = log.read_text()
+    assert out.count("error: Interrupted at step") == 1, out
+    blob = torch.load(tmp_path / "runs" / "model03_checkpoint.pt", weights_only=True)
+    assert 0 < blob["state"]["step"] < 650 and blob["config"]["world_size"] == 2
