@@ -558,9 +558,10 @@ def training_loss(model, k):
     return lambda x: -iwae_bound(model, x, k)["bound"].mean()
 
 
-def _log_w_logsumexp(model, x, k, eval_pmf, encoding):
-    """log sum_i w_i over k samples, per image (B,): the estimator's unit of work (compiled as one graph)."""
-    return torch.logsumexp(log_weights(model, x, k, eval_pmf, encoding)["log_w"], dim=0)
+def _log_w_logsumexp(model, x, k, eval_pmf, encoding, log_mask):
+    """log sum_i w_i over k samples, per image (B,): the estimator's unit of work (compiled as one graph).
+    log_mask (k, 1): 0 for a sample that counts, -inf for padding, so that every chunk has one shape."""
+    return torch.logsumexp(log_weights(model, x, k, eval_pmf, encoding)["log_w"] + log_mask, dim=0)
 
 
 _frozen = {"model": None, "versions": None, "fn": None}  # the compiled evaluation and what it froze
@@ -589,26 +590,33 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
     Batched over images and chunked over samples, so that at most `max_rows` (sample, image) pairs
     go through the decoder at once (sized for the cache, not for memory); each image is
     encoded once, and the chunks are combined with log-sum-exp in float64.
+    Every call of the unit of work has one shape, so one compilation serves an evaluation: a short last
+    chunk of samples is padded with samples masked out, a short last batch of images with copies of its
+    first image, whose estimates are dropped.
     x: (N, C, H, W) on the model's device. Returns per-image estimates (N,) in nats (float64, CPU).
     """
     model.eval()
     chunk = min(num_samples, max_rows)
-    images_per_batch = max(1, max_rows // chunk)
+    images_per_batch = min(len(x), max(1, max_rows // chunk))
     lse_fn = evaluation_fn(model, compile)
     # One preallocated result, not a list of small tensors: holding thousands of them made the compiled evaluation's
     # memory grow with every image, until a 10,000-image evaluation ran out of memory.
     out = torch.empty(len(x), dtype=torch.float64, device=x.device)  # on the device: no wait per batch of images
-    done = 0
+    sample_index = torch.arange(chunk, device=x.device).unsqueeze(1)
     bar = tqdm(total=len(x), desc=f"log p(x), S={num_samples}", unit="img", disable=not progress, leave=False,
                dynamic_ncols=True)
-    for xb in x.split(images_per_batch):
+    for done in range(0, len(x), images_per_batch):
+        xb = x[done:done + images_per_batch]
+        real = len(xb)
+        if real < images_per_batch:
+            xb = torch.cat([xb, xb[:1].expand(images_per_batch - real, *xb.shape[1:])])
         encoding = model.encode(xb)
-        lse = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
+        lse = torch.full((images_per_batch,), -math.inf, dtype=torch.float64, device=x.device)
         for start in range(0, num_samples, chunk):
-            lse = torch.logaddexp(lse, lse_fn(model, xb, min(chunk, num_samples - start), eval_pmf, encoding).double())
-        out[done:done + len(xb)] = lse - math.log(num_samples)
-        done += len(xb)
-        bar.update(len(xb))
+            log_mask = torch.where(sample_index < num_samples - start, 0.0, -math.inf)
+            lse = torch.logaddexp(lse, lse_fn(model, xb, chunk, eval_pmf, encoding, log_mask).double())
+        out[done:done + real] = lse[:real] - math.log(num_samples)
+        bar.update(real)
     bar.close()
     return out.cpu()
 

@@ -159,3 +159,29 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     decoder = 2 * (50 * 200 + 200 * 200 + 200 * 784)
     assert rows[0]["eval"]["flops_per_pair"] == pytest.approx(decoder, rel=0.05)
     assert 3 * (mlp + 5 * decoder) * 0.8 < rows[0]["train"]["flops_per_image"] < 3 * (mlp + 5 * decoder) * 1.2
+
+
+def test_estimate_pads_to_one_shape_and_compiles_once(monkeypatch, same_random_numbers):
+    """A short last chunk of samples is masked out and a short last batch of images is padded and dropped: the
+    numbers are those of unpadded work, and a compiled evaluation compiles one graph however S and N fall."""
+    def fixed_rsample(self, sample_shape=torch.Size()):  # every sample of an image the same: S cannot matter
+        shape = self._extended_shape(sample_shape)
+        return self.loc.expand(shape) + self.scale.expand(shape) * torch.sin(1000.0 * self.loc + 1.0).expand(shape)
+
+    monkeypatch.setattr(torch.distributions.Normal, "rsample", fixed_rsample)
+    x = fake_x("model03", 7)
+
+    def estimate(s, rows, compile=False):
+        """The estimate, and how many graphs a compiled one compiled (a fresh model: a fresh frozen graph)."""
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        llh = common.estimate_log_likelihood(chapter_model("model03"), x, s, rows, True, progress=False,
+                                             compile=compile)
+        return llh, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+
+    one_by_one, _ = estimate(1, 1)
+    assert torch.allclose(estimate(10, 8)[0], one_by_one, atol=1e-6)  # chunks of 8 samples: the second holds 2
+    assert torch.allclose(estimate(2, 10)[0], one_by_one, atol=1e-6)  # batches of 5 images: the second holds 2
+    _, graphs_whole_chunks = estimate(8, 8, compile=True)
+    padded, graphs_padded = estimate(10, 8, compile=True)
+    assert torch.allclose(padded, one_by_one, atol=1e-3)
+    assert graphs_padded == graphs_whole_chunks > 0  # the short chunk compiled nothing of its own
