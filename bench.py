@@ -97,7 +97,7 @@ def measure(chapter, device, optimized, seconds):
     train = {"images_per_s": n * len(x) / elapsed, "flops_per_image": train_flops / len(x), "matmul_flops": peak_train}
 
     # evaluation: one batch of images through the real estimator, S samples each, chunked as the script does
-    samples, rows = chapter.eval_samples, chapter.eval_max_rows
+    samples, rows = chapter.eval_samples, experiment.evaluation_rows(chapter.args, device)
     images = max(1, rows // min(samples, rows))
     x_eval = devices.to_device(fake_batch(chapter, images, device), device, channels_last)
     estimate = lambda compile: common.estimate_log_likelihood(model, x_eval, samples, rows, chapter.eval_pmf,
@@ -122,7 +122,7 @@ class Chapter:
         self.module = importlib.import_module(name)
         self.args = self.module.parser().parse_args([])  # the script's defaults
         self.batch_size, self.k = self.args.batch_size, self.args.k
-        self.eval_samples, self.eval_max_rows = self.args.eval_samples, self.args.eval_max_rows
+        self.eval_samples = self.args.eval_samples
         self.eval_pmf = self.module.EVAL_PMF
 
     def build(self):

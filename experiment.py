@@ -58,8 +58,23 @@ def positive_float(text):
     return _number(float, text, 0.0, strict=True)
 
 
+CUDA_EVAL_IMAGES = 16  # images per decoder pass in evaluation on a GPU: a size for its throughput, not measured (no GPU lent)
+
+
+def evaluation_rows(args, device):
+    """--eval-max-rows as given, or the device's default: the chapter's size for a CPU's cache, or on CUDA every
+    sample of CUDA_EVAL_IMAGES images in one pass."""
+    if args.eval_max_rows:
+        return args.eval_max_rows
+    return args.eval_samples * CUDA_EVAL_IMAGES if device.type == "cuda" else args.cpu_eval_max_rows
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the script's docstring as written and every flag's default."""
+    """--help shows the script's docstring as written and every flag's default (a help that states its own default,
+    such as one per device, is left as written)."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
 
 
 def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval_samples=5000,
@@ -84,8 +99,10 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
     p.add_argument("--eval-samples", type=positive_int, default=eval_samples,
                    help="importance samples S for the test log-likelihood")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test images (default: all)")
-    p.add_argument("--eval-max-rows", type=positive_int, default=eval_max_rows,
-                   help="(sample, image) pairs per decoder pass in evaluation (sized for the cache; see bench.py)")
+    p.add_argument("--eval-max-rows", type=positive_int, default=None,
+                   help=f"(sample, image) pairs per decoder pass in evaluation (default: {eval_max_rows} on CPU, "
+                        f"sized for the cache by bench.py; on CUDA, all S samples of {CUDA_EVAL_IMAGES} images)")
+    p.set_defaults(cpu_eval_max_rows=eval_max_rows)
     p.add_argument("--s-sweep", type=positive_int, nargs="+", default=None, metavar="S",
                    help="also estimate log p(x) with each of these numbers of importance samples on the first "
                         "--s-sweep-images test images (how the estimate moves with S)")
@@ -125,7 +142,7 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"world_size", "max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples",
+RESUMABLE_CHANGES = {"world_size", "cpu_eval_max_rows", "max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples",
                      "eval_limit", "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
                      "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last",
                      "s_sweep", "s_sweep_images"}
@@ -224,6 +241,7 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     seed_everything(args.seed)  # the same weights on every rank
     _make_out_dir(args.out_dir)
+    args.eval_max_rows = evaluation_rows(args, device)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
     config = {"model": name, "dataset": data.name, **vars(args), "world_size": world_size()}
     if args.batch_size < world_size():
@@ -242,7 +260,8 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     if rank() > 0:  # the same weights, each rank its own draws
         torch.manual_seed(args.seed + 1_000_003 * rank() + state.step)
     settings = {"amp": amp, "tf32": torch.backends.cuda.matmul.allow_tf32, "compile": args.compile,
-                "channels_last": channels_last, "world_size": world_size(), "eval_dtype": "float32"}
+                "channels_last": channels_last, "world_size": world_size(), "eval_dtype": "float32",
+                "eval_max_rows": args.eval_max_rows}
     hardware = hardware_name(device) + (f", {world_size()} processes" if world_size() > 1 else "")
     return Run(name, script, f"{launcher()} " + " ".join([script, *argv]), model, optimizer, state, config,
                train_config, ckpt_path, device, channels_last, hardware, settings)

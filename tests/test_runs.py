@@ -45,6 +45,7 @@ def test_time_limit_stops_cleanly_and_resume_finishes(mnist_dir, tmp_path, capsy
     assert model01.main(argv) == 0
     again = json.loads((out / "model01_results.json").read_text())
     assert again["train_segments"] == res["train_segments"] and again["steps"] == 8
+    assert again["settings"]["eval_max_rows"] == model01.EVAL_MAX_ROWS  # the CPU's default, as resolved
 
 
 def test_per_epoch_curve_balance_and_colour_figure(cifar_bin_dir, tmp_path):

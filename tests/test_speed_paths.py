@@ -185,3 +185,14 @@ def test_estimate_pads_to_one_shape_and_compiles_once(monkeypatch, same_random_n
     padded, graphs_padded = estimate(10, 8, compile=True)
     assert torch.allclose(padded, one_by_one, atol=1e-3)
     assert graphs_padded == graphs_whole_chunks > 0  # the short chunk compiled nothing of its own
+
+
+def test_evaluation_chunks_per_device_type():
+    """--eval-max-rows: the chapter's CPU size, every sample of a few images per pass on CUDA, or as given."""
+    import experiment
+    import model04
+    args = model04.parser().parse_args([])
+    assert experiment.evaluation_rows(args, torch.device("cpu")) == model04.EVAL_MAX_ROWS
+    assert experiment.evaluation_rows(args, torch.device("cuda")) == args.eval_samples * experiment.CUDA_EVAL_IMAGES
+    given = model04.parser().parse_args(["--eval-max-rows", "37"])
+    assert experiment.evaluation_rows(given, torch.device("cuda")) == 37
