@@ -302,11 +302,14 @@ class Sitting:
 
 class _Batches:
     """The batches of an epoch: the training set, in an order drawn at each epoch's start (state.perm, saved with
-    the checkpoint, and a copy on the device so that indexing never waits for a copy), from state.pos on. With
-    several processes, rank 0's order is every rank's, and each takes its part of every batch."""
+    the checkpoint, and a copy on the device so that indexing never waits for a copy), from state.pos on. Every
+    batch has batch_size images, so that one compiled graph serves a run: an epoch's short last batch is filled up
+    with the epoch's first images (as torch's DistributedSampler pads). With several processes, rank 0's order is
+    every rank's, and each takes its part of every batch."""
 
     def __init__(self, state, train_x, batch_size):
         self.state, self.train_x, self.batch_size, self.perm, self.perm_device = state, train_x, batch_size, None, None
+        self.offsets = torch.arange(batch_size, device=train_x.device)
 
     def next(self):
         """This process's images of the next batch, and their share of the batch (None with one process)."""
@@ -317,7 +320,7 @@ class _Batches:
             self.perm, self.perm_device = state.perm, broadcast_(state.perm.to(self.train_x.device))
             if world_size() > 1:
                 state.perm = self.perm = self.perm_device.cpu()
-        batch = self.perm_device[state.pos:state.pos + self.batch_size]
+        batch = self.perm_device[(state.pos + self.offsets) % len(self.perm_device)]
         if world_size() == 1:
             return self.train_x[batch], None
         mine = batch.tensor_split(world_size())[rank()]

@@ -120,3 +120,32 @@ def test_under_amp_the_decoder_head_runs_in_float32():
         model.decode(torch.randn(2, model03.LATENT_DIM))
     assert seen == {"body": torch.bfloat16, "head": torch.float32}
     assert list(model.state_dict()) == keys
+
+
+def test_every_batch_has_one_shape_so_a_run_compiles_once(tmp_path):
+    """20 images in batches of 8: the third batch of an epoch is filled up with the epoch's first images, so every
+    epoch sees every image and a compiled run compiles no more graphs than one whose batches divide the data."""
+    def run(n, compile, seen=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        x = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], torch.randn(n, 2)], 1)
+
+        def loss(b):
+            if seen is not None:
+                seen.append(b[:, 0].long().tolist())
+            return (model(b) ** 2).mean()
+        data = types.SimpleNamespace(train=x, train_batch=lambda b: b)
+        plan = training.Plan(batch_size=8, epochs=2, lr_at=training.constant_lr, base_lr=1e-3)
+        torch._dynamo.reset()
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        training.train(model, training.make_optimizer(model, 1e-3), loss, data, training.TrainState(), plan,
+                       training.Sitting(str(tmp_path / f"n{n}{compile}.pt"), {}), compile=compile, progress=False)
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+
+    seen = []
+    run(20, False, seen)
+    assert [len(b) for b in seen] == [8] * 6
+    for epoch in (seen[:3], seen[3:]):
+        images = sum(epoch, [])
+        assert sorted(set(images)) == list(range(20)) and images[20:] == images[:4]  # the last 4: the first 4 again
+    assert run(20, True) == run(24, True) > 0

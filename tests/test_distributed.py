@@ -40,7 +40,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     # 7 test images, sharded 4 + 3 and gathered: one process's numbers, in its order
     assert len(two[0]["llh"]) == 7
     assert torch.equal(two[0]["llh"], two[0]["llh_whole"])
-    assert torch.allclose(two[0]["llh"], one["llh"], rtol=1e-9)
+    # and one process's within float32's rounding of log-weights near 2e4 nats (the weights differ by rounding too)
+    assert torch.allclose(two[0]["llh"], one["llh"], rtol=1e-6)
 
 
 def test_a_nan_on_one_rank_is_skipped_by_both(tmp_path):
