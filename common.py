@@ -596,7 +596,9 @@ def estimate_log_likelihood(model, x, num_samples=5000, max_rows=50_000, eval_pm
     x: (N, C, H, W) on the model's device. Returns per-image estimates (N,) in nats (float64, CPU).
     """
     model.eval()
-    chunk = min(num_samples, max_rows)
+    if len(x) == 0:  # an empty shard (more processes than images)
+        return torch.empty(0, dtype=torch.float64)
+    chunk = math.ceil(num_samples / math.ceil(num_samples / max_rows))  # equal chunks: padding of less than one each
     images_per_batch = min(len(x), max(1, max_rows // chunk))
     lse_fn = evaluation_fn(model, compile)
     # One preallocated result, not a list of small tensors: holding thousands of them made the compiled evaluation's

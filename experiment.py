@@ -59,6 +59,7 @@ def positive_float(text):
 
 
 CUDA_EVAL_IMAGES = 16  # images per decoder pass in evaluation on a GPU: a size for its throughput, not measured (no GPU lent)
+CUDA_EVAL_MAX_ROWS = 16_384  # and at most this many (sample, image) pairs, for its memory
 
 
 def evaluation_rows(args, device):
@@ -66,7 +67,9 @@ def evaluation_rows(args, device):
     sample of CUDA_EVAL_IMAGES images in one pass."""
     if args.eval_max_rows:
         return args.eval_max_rows
-    return args.eval_samples * CUDA_EVAL_IMAGES if device.type == "cuda" else args.cpu_eval_max_rows
+    if device.type == "cuda":
+        return min(args.eval_samples * CUDA_EVAL_IMAGES, CUDA_EVAL_MAX_ROWS)
+    return args.cpu_eval_max_rows
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -101,7 +104,8 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
     p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--eval-max-rows", type=positive_int, default=None,
                    help=f"(sample, image) pairs per decoder pass in evaluation (default: {eval_max_rows} on CPU, "
-                        f"sized for the cache by bench.py; on CUDA, all S samples of {CUDA_EVAL_IMAGES} images)")
+                        f"sized for the cache by bench.py; on CUDA, all S samples of {CUDA_EVAL_IMAGES} images, "
+                        f"at most {CUDA_EVAL_MAX_ROWS})")
     p.set_defaults(cpu_eval_max_rows=eval_max_rows)
     p.add_argument("--s-sweep", type=positive_int, nargs="+", default=None, metavar="S",
                    help="also estimate log p(x) with each of these numbers of importance samples on the first "
@@ -292,10 +296,11 @@ def _check_checkpoint_fits(blob, name, ckpt_path, config, resume):
         raise UserError(f"{ckpt_path} was written by {blob['config'].get('model')}, not {name}.")
     trained_on = blob["config"].get("world_size", 1)
     if resume and trained_on != config["world_size"]:
+        how = f"torchrun --nproc_per_node={trained_on}" if trained_on > 1 else "python"
         raise UserError(f"{ckpt_path} was trained by {trained_on} process{'es' * (trained_on > 1)}, and this is "
-                        f"{config['world_size']}: --resume it with the same number (torchrun --nproc_per_node="
-                        f"{trained_on}, or python for 1), since its order of batches, random draws and steps follow "
-                        f"that number. Or start afresh with --overwrite.")
+                        f"{config['world_size']}: --resume it as it was started ({how} {config['model']}.py ... "
+                        f"--resume), since its order of batches, random draws and steps follow that number. Or start "
+                        f"afresh with --overwrite.")
     if resume:
         changed = {key: (blob["config"].get(key), value) for key, value in config.items()
                    if key not in RESUMABLE_CHANGES and blob["config"].get(key) != value}

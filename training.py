@@ -372,13 +372,15 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
                 if state.pos >= len(train_x):
                     state.epoch, state.perm = state.epoch + 1, None
                 guard.after_step((state.step, epoch, state.epoch, lr), *outcome, threshold)
-                if state.step % read_every == 0 or state.epoch > epoch or state.step == last_step:
+                read = state.step % read_every == 0 or state.epoch > epoch or state.step == last_step
+                if read:
                     guard.read(state, log)
                     stop.check()
                 if state.epoch > epoch and epoch_end is not None:
                     state.test_curve.append((state.epoch, state.step, *epoch_end(model)))
                     model.train()
-                checkpoint.every(plan.checkpoint_minutes)
+                if read:  # every rank at the same steps: a save reads the guard, which may stop the run
+                    checkpoint.every(plan.checkpoint_minutes)
     except KeyboardInterrupt:
         stop.asked = True
     checkpoint()
@@ -403,8 +405,9 @@ class _Stop:
         return self.agreed
 
     def check(self):
-        if world_size() > 1:
-            self.agreed = any_rank(self.asked or time.time() >= self.deadline, self.device)
+        if world_size() > 1:  # asked on any rank means asked on every rank (the same message and exit status)
+            self.asked = any_rank(self.asked, self.device)
+            self.agreed = self.asked or any_rank(time.time() >= self.deadline, self.device)
 
     @contextlib.contextmanager
     def on_signals(self):
@@ -475,6 +478,9 @@ class _Checkpointer:
             save_checkpoint(self.sitting.ckpt_path, self.model, self.optimizer, self.state, self.sitting.config)
 
     def every(self, minutes):
-        if time.time() - self.last_save > 60 * minutes:
+        due = time.time() - self.last_save > 60 * minutes
+        if world_size() > 1:  # the ranks' clocks differ: save when any is due, all together
+            due = any_rank(due, next(self.model.parameters()).device)
+        if due:
             self()
             self.last_save = time.time()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import write_cifar_bin
@@ -36,10 +37,13 @@ def test_two_ranks_equal_one_process(tmp_path):
     change = one["weights"] - one["start"]
     assert change.abs().max() > 1e-3  # the steps moved the weights...
     assert (two[0]["weights"] - two[0]["start"] - change).abs().max() < 1e-5 * change.abs().max()  # ...alike
-    assert one["history"] == two[0]["history"]  # the whole batch's bound, on both
+    # the whole batch's bound, on both (the two shares' losses summed in float32: equal within rounding)
+    assert [h[:2] for h in one["history"]] == [h[:2] for h in two[0]["history"]]
+    assert [h[2] for h in two[0]["history"]] == pytest.approx([h[2] for h in one["history"]], rel=1e-6)
     # 7 test images, sharded 4 + 3 and gathered: one process's numbers, in its order
     assert len(two[0]["llh"]) == 7
-    assert torch.equal(two[0]["llh"], two[0]["llh_whole"])
+    assert torch.allclose(two[0]["llh"], two[0]["llh_whole"], rtol=1e-6)  # passes of 4 and 3 images, or 7: rounding
+    assert len(two[0]["llh_single"]) == 1  # more processes than images: an empty shard is no error
     # and one process's within float32's rounding of log-weights near 2e4 nats (the weights differ by rounding too)
     assert torch.allclose(two[0]["llh"], one["llh"], rtol=1e-6)
 

@@ -179,12 +179,14 @@ def test_estimate_pads_to_one_shape_and_compiles_once(monkeypatch, same_random_n
         return llh, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
 
     one_by_one, _ = estimate(1, 1)
-    assert torch.allclose(estimate(10, 8)[0], one_by_one, atol=1e-6)  # chunks of 8 samples: the second holds 2
+    assert torch.allclose(estimate(11, 8)[0], one_by_one, atol=1e-6)  # two chunks of 6 samples: the second holds 5
     assert torch.allclose(estimate(2, 10)[0], one_by_one, atol=1e-6)  # batches of 5 images: the second holds 2
-    _, graphs_whole_chunks = estimate(8, 8, compile=True)
-    padded, graphs_padded = estimate(10, 8, compile=True)
-    assert torch.allclose(padded, one_by_one, atol=1e-3)
-    assert graphs_padded == graphs_whole_chunks > 0  # the short chunk compiled nothing of its own
+    _, graphs_whole = estimate(12, 6, compile=True)  # two whole chunks of 6 samples, one image per pass
+    padded_samples, graphs_samples = estimate(11, 6, compile=True)
+    padded_images, graphs_images = estimate(2, 10, compile=True)
+    assert torch.allclose(padded_samples, one_by_one, atol=1e-3)
+    assert torch.allclose(padded_images, one_by_one, atol=1e-3)
+    assert graphs_samples == graphs_images == graphs_whole > 0  # a short chunk or pass compiled nothing of its own
 
 
 def test_evaluation_chunks_per_device_type():
@@ -194,5 +196,7 @@ def test_evaluation_chunks_per_device_type():
     args = model04.parser().parse_args([])
     assert experiment.evaluation_rows(args, torch.device("cpu")) == model04.EVAL_MAX_ROWS
     assert experiment.evaluation_rows(args, torch.device("cuda")) == args.eval_samples * experiment.CUDA_EVAL_IMAGES
+    many = model04.parser().parse_args(["--eval-samples", "5000"])
+    assert experiment.evaluation_rows(many, torch.device("cuda")) == experiment.CUDA_EVAL_MAX_ROWS
     given = model04.parser().parse_args(["--eval-max-rows", "37"])
     assert experiment.evaluation_rows(given, torch.device("cuda")) == 37
