@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common import UserError
+from devices import started_by_torchrun
 
 NUM_BINS = 256  # 8-bit pixels
 TEST_BINARIZATION_SEED = 20151102  # fixed: every evaluation sees the same binarized test set
@@ -113,7 +114,7 @@ def _remove_empty(created):
 def _one_process_at_a_time(data_dir):
     """Under torchrun every process loads the data: the first to come downloads it, the others wait for it (a lock
     file in the temporary folder, named for data_dir), then read what it wrote."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or fcntl is None:
+    if not started_by_torchrun() or fcntl is None:
         yield
         return
     key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]

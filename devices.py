@@ -106,14 +106,18 @@ def to_device(x, device, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Several processes (torchrun): data parallel, rank 0 writes
 # ---------------------------------------------------------------------------------------------------
+def started_by_torchrun():
+    """torchrun sets WORLD_SIZE for each of its processes (readable before the process group is joined)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def start_processes(device):
-    """Under torchrun (WORLD_SIZE > 1 in the environment): joins the process group (NCCL on CUDA, gloo on CPU)
-    and returns this process's device (on CUDA, the GPU of its LOCAL_RANK). Otherwise returns `device`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Under torchrun: joins the process group (NCCL on CUDA, gloo on CPU) and returns this process's device (on
+    CUDA, the GPU of its LOCAL_RANK). Otherwise returns `device`."""
+    if not started_by_torchrun() or dist.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

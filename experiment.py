@@ -146,15 +146,16 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
 
 
 # flags that may change between a run and its --resume without changing the run
-RESUMABLE_CHANGES = {"world_size", "cpu_eval_max_rows", "max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir", "out_dir", "max_steps", "eval_samples",
-                     "eval_limit", "eval_max_rows", "device", "threads", "resume", "overwrite", "eval_only", "checkpoint",
-                     "checkpoint_minutes", "no_download", "time_limit", "compile", "amp", "channels_last",
-                     "s_sweep", "s_sweep_images"}
+RESUMABLE_CHANGES = {"world_size", "cpu_eval_max_rows", "max_skips", "skip_grad_norm", "skip_grad_ratio", "data_dir",
+                     "out_dir", "max_steps", "eval_samples", "eval_limit", "eval_max_rows", "device", "threads",
+                     "resume", "overwrite", "eval_only", "checkpoint", "checkpoint_minutes", "no_download",
+                     "time_limit", "compile", "amp", "channels_last", "s_sweep", "s_sweep_images"}
 
 
-def launcher():
-    """How this process was started: python, or torchrun with its number of processes."""
-    return f"torchrun --nproc_per_node={world_size()}" if world_size() > 1 else "python"
+def launcher(processes=None):
+    """How a run of this many processes (default: this one's) is started: python, or torchrun with the number."""
+    processes = processes or world_size()
+    return f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
 
 
 def resume_command(script, argv):
@@ -256,7 +257,7 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     state, train_config = TrainState(), config
     if args.eval_only or args.resume:
         blob = load_checkpoint(ckpt_path, device)
-        _check_checkpoint_fits(blob, name, ckpt_path, config, args.resume)
+        _check_checkpoint_fits(blob, name, script, ckpt_path, config, args.resume)
         restore(blob, model, None if args.eval_only else optimizer, rng=args.resume)
         state, train_config = blob["state"], blob["config"]
     elif os.path.exists(ckpt_path) and not args.overwrite:
@@ -291,14 +292,13 @@ def _refuse_to_replace(ckpt_path, device, data):
               f"--resume instead would evaluate it again).", file=sys.stderr)
 
 
-def _check_checkpoint_fits(blob, name, ckpt_path, config, resume):
+def _check_checkpoint_fits(blob, name, script, ckpt_path, config, resume):
     if blob["config"].get("model") != name:
         raise UserError(f"{ckpt_path} was written by {blob['config'].get('model')}, not {name}.")
     trained_on = blob["config"].get("world_size", 1)
     if resume and trained_on != config["world_size"]:
-        how = f"torchrun --nproc_per_node={trained_on}" if trained_on > 1 else "python"
         raise UserError(f"{ckpt_path} was trained by {trained_on} process{'es' * (trained_on > 1)}, and this is "
-                        f"{config['world_size']}: --resume it as it was started ({how} {config['model']}.py ... "
+                        f"{config['world_size']}: --resume it as it was started ({launcher(trained_on)} {script} ... "
                         f"--resume), since its order of batches, random draws and steps follow that number. Or start "
                         f"afresh with --overwrite.")
     if resume:
