@@ -480,11 +480,11 @@ class HierarchicalVAE(LatentVariableModel):
         with self.autocast(x.device.type):
             return self.encoder(x)
 
-    def top_down(self, n, features=None, z_top=()):
+    def top_down(self, n, features=None, z_top=(), temperature=1.0):
         """The top-down pass over n rows. Each block forms p(z_i|z_>i) from the state and, given the bottom-up
-        features (n rows each), q(z_i|z_>i, x); z_i is drawn from q if there is one, else from p, except the
-        top len(z_top) layers, which are taken from z_top (top first). Returns the final state and, per layer
-        top first, (z_i, p(z_i|z_>i), q(z_i|z_>i, x) or None)."""
+        features (n rows each), q(z_i|z_>i, x); z_i is drawn from q if there is one, else from p with its standard
+        deviation times `temperature` (VDVAE's), except the top len(z_top) layers, which are taken from z_top (top
+        first). Returns the final state and, per layer top first, (z_i, p(z_i|z_>i), q(z_i|z_>i, x) or None)."""
         h = self.initial_state(n)
         layers = []
         for i, block in enumerate(self.blocks):
@@ -492,7 +492,12 @@ class HierarchicalVAE(LatentVariableModel):
                 prior_out = block.prior_net(h)
                 posterior_out = None if features is None else block.posterior_net(h, features[i])
             pz, qz = block.latent(prior_out.float(), None if posterior_out is None else posterior_out.float())
-            z = z_top[i] if i < len(z_top) else (pz if qz is None else qz).rsample()  # (n, D_i)
+            if i < len(z_top):
+                z = z_top[i]  # (n, D_i)
+            elif qz is not None:
+                z = qz.rsample()
+            else:
+                z = pz.rsample() if temperature == 1 else pz.mean + temperature * (pz.rsample() - pz.mean)
             with self.autocast(h.device.type):
                 h = block.update(h, z)
             layers.append((z, pz, qz))
@@ -514,9 +519,10 @@ class HierarchicalVAE(LatentVariableModel):
         h, _ = self.top_down(len(x), self.encode(x))
         return observe(self, h, eval_pmf)
 
-    def generate(self, n, eval_pmf=False, z_top=()):
-        """p(x|z) with z drawn ancestrally from the prior, n of them; the top len(z_top) layers taken from z_top."""
-        h, _ = self.top_down(n, z_top=z_top)
+    def generate(self, n, eval_pmf=False, z_top=(), temperature=1.0):
+        """p(x|z) with z drawn ancestrally from the prior, n of them, at `temperature` (see top_down); the top
+        len(z_top) layers taken from z_top."""
+        h, _ = self.top_down(n, z_top=z_top, temperature=temperature)
         return observe(self, h, eval_pmf)
 
     def posterior_means(self, x):
@@ -524,8 +530,6 @@ class HierarchicalVAE(LatentVariableModel):
         above (for counting active units, Burda et al. 2015, sec. 5.2)."""
         _, layers = self.top_down(len(x), self.encode(x))
         return [qz.mean for _, _, qz in reversed(layers)]
-
-
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,8 +86,6 @@ def image_stats(model, x, eval_pmf, batch_size=100):
             "roughness_stderr": {key: stderr for key, (_, stderr) in stats.items()}, "images": len(x)}
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Grids and plots
 # ---------------------------------------------------------------------------------------------------
@@ -135,6 +133,38 @@ def save_layer_grid(model, out_dir, name, eval_pmf, rows=6, draws=3):
     save_image(grid.flatten(0, 1).clamp(0, 1).cpu(), os.path.join(out_dir, f"{name}_layers.png"),
                nrow=grid.shape[1], padding=1)
     return how
+
+
+TEMPERATURES = (1.0, 0.8, 0.6, 0.4)  # rows of <name>_temperatures.png (VDVAE shows 0.1 to 1)
+
+
+@torch.no_grad()
+def save_temperature_grid(model, out_dir, name, eval_pmf, temperatures=TEMPERATURES, columns=8):
+    """<name>_temperatures.png, for a hierarchy (`generate(temperature=...)`): one labelled row per temperature t,
+    `columns` draws of z from the prior with every layer's standard deviation times t, their means E[x|z] on the
+    left and one draw x ~ p(x|z) for each of the same z on the right. t = 1 is the prior itself (_samples.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    model.eval()
+    rows = []
+    for t in temperatures:
+        px_z = model.generate(columns, eval_pmf, temperature=t)
+        means, _ = observation_mean(px_z)
+        rows.append(torch.cat([means, px_z.sample()]))  # (2 * columns, C, H, W)
+    height, width = rows[0].shape[-2:]
+    grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=2 * columns, padding=1)  # (C, rows, cols) in pixels
+    fig, ax = plt.subplots(figsize=(grid.shape[2] / 60 + 1.0, grid.shape[1] / 60 + 0.6), dpi=120)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([1 + i * (height + 1) + height / 2 for i in range(len(temperatures))],
+                  [f"t = {t:g}" for t in temperatures])
+    ax.set_xticks([grid.shape[2] / 4, 3 * grid.shape[2] / 4], ["means E[x|z]", "draws x ~ p(x|z), same z"])
+    ax.tick_params(length=0)
+    ax.set_title(f"{name}: samples from the prior at temperature t", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}_temperatures.png"))
+    plt.close(fig)
 
 
 def plot_history(history, path, title):

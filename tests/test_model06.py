@@ -13,7 +13,7 @@ import evaluation
 import model05
 import model06
 
-GRIDS = ["imgs", "recs", "samples", "samples_var", "layers"]
+GRIDS = ["imgs", "recs", "samples", "samples_var", "layers", "temperatures"]
 B, M = model06.LATENT_LOG_SIGMA_BOUND, model06.LATENT_MEAN_BOUND
 # the largest KL(q||p) per unit that |log sigma| <= B and |mu| <= M allow, for q and p alike:
 # log(sigma_p / sigma_q) + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2 <= 2B + (e^4B + 4M^2 e^2B - 1) / 2
@@ -181,6 +181,34 @@ def test_layer_grid_layout(tmp_path):
     assert evaluation.save_layer_grid(model, tmp_path, "m", eval_pmf=True, rows=2, draws=3) == "exact"
     columns = 1 + 3 * 3  # the row's draw, then 3 redraws below each of the top three layers
     assert Image.open(tmp_path / "m_layers.png").size == (1 + columns * 33, 1 + 2 * 33)
+
+
+def test_temperature_scales_the_prior_spread_of_every_layer():
+    torch.manual_seed(0)
+    model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
+    with torch.no_grad():  # priors that depend on the layers above
+        for block in model.blocks:
+            block.prior_head[-1].weight.normal_(0, 0.1)
+            block.prior_head[-1].bias.normal_(0, 0.5)
+    cold = [model.generate(3, temperature=0.0).mean for _ in range(2)]
+    assert torch.allclose(cold[0], cold[1])  # t = 0: every layer at its prior mean, nothing random left
+    noise = {}
+    for t in (1.0, 0.5):  # the same noise: each layer's draw is t times as many of its own prior's std from its mean
+        torch.manual_seed(1)
+        noise[t] = [(z - pz.mean) / pz.stddev for z, pz, _ in model.top_down(3, temperature=t)[1]]
+    assert all(torch.allclose(cold, 0.5 * warm, atol=1e-5) for cold, warm in zip(noise[0.5], noise[1.0]))
+    torch.manual_seed(2)
+    warm = model.generate(3, temperature=1.0).mean
+    torch.manual_seed(2)
+    assert torch.equal(warm, model.generate(3).mean)  # t = 1 is the prior, draw for draw
+
+
+def test_temperature_grid_is_written(tmp_path):
+    from PIL import Image
+    model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
+    evaluation.save_temperature_grid(model, tmp_path, "m", eval_pmf=True, temperatures=(1.0, 0.5), columns=3)
+    width, height = Image.open(tmp_path / "m_temperatures.png").size
+    assert width > 6 * 33 and height > 2 * 33  # the images and the labels around them
 
 
 # ---------------------------------------------------------------------------------------------------
