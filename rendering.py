@@ -212,19 +212,42 @@ def render_provenance():
     return "\n".join(lines)
 
 
+def latent_maps(b):
+    """A model06 run's stochastic layers grouped by the size of their latent maps, bottom first: (the size as
+    "16x16", the layers' indices in b's per-layer lists), from the units per layer (model06.LATENT_CHANNELS maps)."""
+    import model06
+    groups = []
+    for i, units in enumerate(b["latent_units"]):
+        side = math.isqrt(units // model06.LATENT_CHANNELS)
+        size = f"{side}x{side}"
+        if groups and groups[-1][0] == size:
+            groups[-1][1].append(i)
+        else:
+            groups.append((size, [i]))
+    return groups
+
+
+def per_layer(name, b, key, fmt):
+    """b[key] per layer, bottom first, joined with +; a model06 run's summed per latent map size and labelled."""
+    values = b[key]
+    if not name.startswith("model06"):
+        return " + ".join(f"{v:{fmt}}" for v in values)
+    return " + ".join(f"{size}: {sum(values[i] for i in layers):{fmt}}" for size, layers in latent_maps(b))
+
+
 def render_balance():
     """The story's mechanism in numbers: rate, distortion, the spread of p(x|z), active units (test_balance)."""
-    lines = ["| run | rate KL(q\\|\\|p), nats/image (per layer, bottom first) | distortion, nats/image | "
-             "ELBO, bits/dim | mean log-std of p(x\\|z) | active latent units |",
+    lines = ["| run | rate KL(q\\|\\|p), nats/image (per layer or latent map size, bottom first) | distortion, "
+             "nats/image | ELBO, bits/dim | mean log-std of p(x\\|z) | active latent units |",
              "|---|---|---|---|---|---|"]
     for name, r in shipped():
         b = r["test_balance"]
         rate = f"{b['rate_nats']:.1f}"
         if len(b["rate_per_layer_nats"]) > 1:
-            rate += " (" + " + ".join(f"{v:.1f}" for v in b["rate_per_layer_nats"]) + ")"
+            rate += f" ({per_layer(name, b, 'rate_per_layer_nats', '.1f')})"
         elbo = f"{elbo_bpd(b):.3f}" if "test_bpd" in r else ""
         spread = "none (Bernoulli)" if log_std(name, b) is None else f"{log_std(name, b):.2f}"
-        active = " + ".join(str(a) for a in b["active_units"]) + f" of {sum(b['latent_units'])}"
+        active = per_layer(name, b, "active_units", "d") + f" of {sum(b['latent_units'])}"
         lines.append(f"| {label(name)} | {rate} | {b['distortion_nats']:.1f} | {elbo} | {spread} | {active} |")
     return "\n".join(lines)
 
@@ -243,6 +266,31 @@ def render_numbers(names):
         out.append(f"- {label(name)}: **{r['test_bpd']:.3f} ± {r['test_bpd_stderr']:.3f} bits/dim**, rate {rate}, "
                    f"log-std of p(x|z) {log_std(name, b):.2f}{rough}.")
     return "\n".join(out) or "not run yet"
+
+
+LATENT_SCALE_RATIO = 10  # issue 20: in every layer, the largest one-sample rate within 10x the median
+
+
+def render_latents_ch6():
+    """Chapter 6: where the bits go (the rate per latent map size, its share, active units) and whether the latent
+    scales stayed sane (each layer's largest one-sample rate over the test images against its median)."""
+    lines = ["| run | latent maps | layers | units per layer | rate, nats/image | share of the rate | active units | "
+             "largest one-sample rate / median, worst layer |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("model06_logistic_unbounded", "model06_mixture"):
+        r = load(name)
+        if r is None:
+            continue
+        b = r["test_balance"]
+        for size, layers in reversed(latent_maps(b)):  # top first, as the maps are drawn
+            rate = sum(b["rate_per_layer_nats"][i] for i in layers)
+            ratio = max(b["rate_per_layer_max_nats"][i] / b["rate_per_layer_median_nats"][i] for i in layers)
+            lines.append(f"| {label(name)} | {size} | {len(layers)} | {b['latent_units'][layers[0]]} | {rate:.1f} | "
+                         f"{100 * rate / b['rate_nats']:.0f}% | {sum(b['active_units'][i] for i in layers)} of "
+                         f"{sum(b['latent_units'][i] for i in layers)} | {ratio:.1f} |")
+    if len(lines) == 2:
+        return "not run yet"
+    return "\n".join(lines + ["", f"Rates over all {b['images']:,} test images, one draw of z each. Sane latent scales, "
+                                   f"as this chapter asks of them: a ratio within {LATENT_SCALE_RATIO} in every layer."])
 
 
 def render_ablations():
@@ -389,6 +437,8 @@ TABLES = {
     "numbers_ch4": lambda: render_numbers(["model03_unbounded", "model04"]),
     "numbers_ab": render_ablations,
     "numbers_ch5": lambda: render_numbers(["model05_logistic_unbounded", "model05_mixture"]),
+    "numbers_ch6": lambda: render_numbers(["model06_logistic_unbounded", "model06_mixture"]),
+    "latents_ch6": render_latents_ch6,
     "numbers_beta": lambda: render_numbers(["model02_beta0.3679"]),
     "balance": render_balance, "roughness": render_roughness, "provenance": render_provenance,
     "image_stats_runs": render_image_stats_runs,
