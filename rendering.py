@@ -268,29 +268,39 @@ def render_numbers(names):
     return "\n".join(out) or "not run yet"
 
 
-LATENT_SCALE_RATIO = 10  # issue 20: in every layer, the largest one-sample rate within 10x the median
+LATENT_SCALE_RATIO = 10  # sane latent scales: in every layer in use, the largest one-sample rate within 10x the median
+UNUSED_LAYER_NATS = 1.0  # a layer whose median one-sample rate is below this carries almost nothing (unused)
 
 
 def render_latents_ch6():
     """Chapter 6: where the bits go (the rate per latent map size, its share, active units) and whether the latent
-    scales stayed sane (each layer's largest one-sample rate over the test images against its median)."""
+    scales stayed sane: each layer's largest one-sample rate over the test images against its median, for the layers
+    in use (an unused layer's ratio is one of numbers near zero), and the largest in nats of any layer."""
     lines = ["| run | latent maps | layers | units per layer | rate, nats/image | share of the rate | active units | "
-             "largest one-sample rate / median, worst layer |", "|---|---|---|---|---|---|---|---|"]
+             "largest / median one-sample rate, worst layer in use | largest one-sample rate, nats |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in ("model06_logistic_unbounded", "model06_mixture"):
         r = load(name)
         if r is None:
             continue
         b = r["test_balance"]
+        median, largest = b["rate_per_layer_median_nats"], b["rate_per_layer_max_nats"]
         for size, layers in reversed(latent_maps(b)):  # top first, as the maps are drawn
             rate = sum(b["rate_per_layer_nats"][i] for i in layers)
-            ratio = max(b["rate_per_layer_max_nats"][i] / b["rate_per_layer_median_nats"][i] for i in layers)
-            lines.append(f"| {label(name)} | {size} | {len(layers)} | {b['latent_units'][layers[0]]} | {rate:.1f} | "
+            used = [i for i in layers if median[i] >= UNUSED_LAYER_NATS]
+            count = f"{len(layers)}" + (f" ({len(layers) - len(used)} unused)" if len(used) < len(layers) else "")
+            ratio = f"{max(largest[i] / median[i] for i in used):.1f}" if used else "none in use"
+            lines.append(f"| {label(name)} | {size} | {count} | {b['latent_units'][layers[0]]} | {rate:.1f} | "
                          f"{100 * rate / b['rate_nats']:.0f}% | {sum(b['active_units'][i] for i in layers)} of "
-                         f"{sum(b['latent_units'][i] for i in layers)} | {ratio:.1f} |")
+                         f"{sum(b['latent_units'][i] for i in layers)} | {ratio} | "
+                         f"{max(largest[i] for i in layers):.1f} |")
     if len(lines) == 2:
         return "not run yet"
-    return "\n".join(lines + ["", f"Rates over all {b['images']:,} test images, one draw of z each. Sane latent scales, "
-                                   f"as this chapter asks of them: a ratio within {LATENT_SCALE_RATIO} in every layer."])
+    return "\n".join(lines + [
+        "", f"Rates over all {b['images']:,} test images, one draw of z each. Sane latent scales, as this chapter asks "
+            f"of them: in every layer in use the largest one-sample rate within {LATENT_SCALE_RATIO} times the "
+            f"median. A layer whose median is below {UNUSED_LAYER_NATS:g} nat is unused: its posterior is its prior, "
+            f"and its ratio is one of numbers near zero, so its largest rate is shown in nats instead."])
 
 
 def render_ablations():

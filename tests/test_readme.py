@@ -76,21 +76,22 @@ def test_every_image_the_readme_shows_is_shipped():
 
 
 def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_path, monkeypatch):
-    """A model06 run's 14 layers are summed per latent map size (from the units per layer: 8 maps each)."""
+    """A model06 run's layers are summed per latent map size (from the units per layer: 8 maps each); the ratio is
+    of the layers in use (median one-sample rate of 1 nat or more)."""
     import json
-    balance = {"latent_units": [2048, 512, 512, 128, 8], "rate_per_layer_nats": [300.0, 100.0, 50.0, 40.0, 10.0],
-               "rate_per_layer_median_nats": [290.0, 90.0, 40.0, 30.0, 2.0],
-               "rate_per_layer_max_nats": [600.0, 900.0, 80.0, 60.0, 30.0], "active_units": [1000, 200, 100, 128, 3],
-               "rate_nats": 500.0, "images": 10000}
+    balance = {"latent_units": [2048, 512, 512, 128, 128, 8], "rate_per_layer_nats": [300.0, 100.0, 50.0, 40.0, 0.0, 10.0],
+               "rate_per_layer_median_nats": [290.0, 90.0, 40.0, 30.0, 0.01, 0.5],
+               "rate_per_layer_max_nats": [600.0, 900.0, 80.0, 60.0, 0.7, 30.0],
+               "active_units": [1000, 200, 100, 128, 0, 3], "rate_nats": 500.0, "images": 10000}
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "model06_mixture_results.json").write_text(json.dumps({"test_balance": balance}))
     monkeypatch.setattr(rendering, "ROOT", str(tmp_path))
     rows = rendering.render_latents_ch6().splitlines()[2:6]
     label = rendering.label("model06_mixture")
-    assert rows == [f"| {label} | 1x1 | 1 | 8 | 10.0 | 2% | 3 of 8 | 15.0 |",
-                    f"| {label} | 4x4 | 1 | 128 | 40.0 | 8% | 128 of 128 | 2.0 |",
-                    f"| {label} | 8x8 | 2 | 512 | 150.0 | 30% | 300 of 1024 | 10.0 |",  # the worst of 900/90 and 80/40
-                    f"| {label} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 2.1 |"]
+    assert rows == [f"| {label} | 1x1 | 1 (1 unused) | 8 | 10.0 | 2% | 3 of 8 | none in use | 30.0 |",
+                    f"| {label} | 4x4 | 2 (1 unused) | 128 | 40.0 | 8% | 128 of 256 | 2.0 | 60.0 |",  # not 0.7 / 0.01
+                    f"| {label} | 8x8 | 2 | 512 | 150.0 | 30% | 300 of 1024 | 10.0 | 900.0 |",  # 900/90, not 80/40
+                    f"| {label} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 2.1 | 600.0 |"]
     grouped = "16x16: 300.0 + 8x8: 150.0 + 4x4: 40.0 + 1x1: 10.0"
     assert rendering.per_layer("model06_mixture", balance, "rate_per_layer_nats", ".1f") == grouped
-    assert rendering.per_layer("model05_mixture", balance, "active_units", "d") == "1000 + 200 + 100 + 128 + 3"
+    assert rendering.per_layer("model05_mixture", balance, "active_units", "d") == "1000 + 200 + 100 + 128 + 0 + 3"
