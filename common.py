@@ -469,11 +469,11 @@ class OneLayerVAE(LatentVariableModel):
 
 
 class HierarchicalVAE(LatentVariableModel):
-    """A top-down hierarchy z_L -> ... -> z_1 -> x with bidirectional inference (chapters 5 and 6). A subclass sets `encoder` (x -> one bottom-up
-    feature per block, top block first), `blocks` (top first; each has prior_net(h), posterior_net(h, feature),
-    latent(prior_out, posterior_out) -> (p, q or None) and update(h, z) -> h), `initial_state(n)`, `decoder`
-    (final state, any leading dims -> raw parameters of p(x|z)) and `observation`; `decode` reads the final
-    top-down state."""
+    """A top-down hierarchy z_L -> ... -> z_1 -> x with bidirectional inference (chapters 5 and 6). A subclass
+    sets `encoder` (x -> one bottom-up feature per block, top block first), `blocks` (top first; each has
+    prior_net(h), posterior_net(h, feature), latent(prior_out, posterior_out) -> (p, q or None) and
+    update(h, z) -> h), `initial_state(n)`, `decoder` (final state, any leading dims -> raw parameters of p(x|z))
+    and `observation`; `decode` reads the final top-down state."""
 
     def encode(self, x):
         """The bottom-up pass: a list of features, one per block (top block first)."""

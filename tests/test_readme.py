@@ -79,7 +79,8 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
     """A model06 run's layers are summed per latent map size (from the units per layer: 8 maps each); the ratio is
     of the layers in use (median one-sample rate of 1 nat or more)."""
     import json
-    balance = {"latent_units": [2048, 512, 512, 128, 128, 8], "rate_per_layer_nats": [300.0, 100.0, 50.0, 40.0, 0.0, 10.0],
+    balance = {"latent_units": [2048, 512, 512, 128, 128, 8],
+               "rate_per_layer_nats": [300.0, 100.0, 50.0, 40.0, 0.0, 10.0],
                "rate_per_layer_median_nats": [290.0, 90.0, 40.0, 30.0, 0.01, 0.5],
                "rate_per_layer_max_nats": [600.0, 900.0, 80.0, 60.0, 0.7, 30.0],
                "active_units": [1000, 200, 100, 128, 0, 3], "rate_nats": 500.0, "images": 10000}
