@@ -334,6 +334,26 @@ def render_speed():
             f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s during the run.")
 
 
+def render_cost_ch6():
+    """What chapter 6's hierarchy costs against chapter 5's, per training image and per evaluation pair, and how
+    well each uses the cores (bench.py's optimized path, one process)."""
+    import bench
+    b = load_bench()
+    rows = {r["chapter"]: r for r in (b or {}).get("rows", []) if r["path"] == "optimized"}
+    if "model06" not in rows or "model05" not in rows:
+        return "Its cost against model05 is not measured yet: run `python bench.py`."
+    new, old = rows["model06"], rows["model05"]
+    use = {name: {part: bench.utilization(r[part][rate], r[part][flops], r[part]["matmul_flops"])
+                  for part, rate, flops in (("train", "images_per_s", "flops_per_image"),
+                                            ("eval", "pairs_per_s", "flops_per_pair"))} for name, r in rows.items()}
+    return (f"Per training image it takes {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} times "
+            f"model05's time for {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} times its "
+            f"FLOPs, per evaluation pair {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time "
+            f"(`bench.py`, the optimized path, one process); the cores' utilization: training "
+            f"{use['model06']['train']:.0%} (model05: {use['model05']['train']:.0%}), evaluation "
+            f"{use['model06']['eval']:.0%} ({use['model05']['eval']:.0%}).")
+
+
 TRAIN_IMAGES = {"model01": 60000}  # MNIST; the colour chapters train on CIFAR-10's 50000
 TEST_IMAGES = 10000
 
@@ -448,7 +468,7 @@ TABLES = {
     "numbers_ab": render_ablations,
     "numbers_ch5": lambda: render_numbers(["model05_logistic_unbounded", "model05_mixture"]),
     "numbers_ch6": lambda: render_numbers(["model06_logistic_unbounded", "model06_mixture"]),
-    "latents_ch6": render_latents_ch6,
+    "latents_ch6": render_latents_ch6, "cost_ch6": render_cost_ch6,
     "numbers_beta": lambda: render_numbers(["model02_beta0.3679"]),
     "balance": render_balance, "roughness": render_roughness, "provenance": render_provenance,
     "image_stats_runs": render_image_stats_runs,

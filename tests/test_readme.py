@@ -96,3 +96,18 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
     grouped = "16x16: 300.0 + 8x8: 150.0 + 4x4: 40.0 + 1x1: 10.0"
     assert rendering.per_layer("model06_mixture", balance, "rate_per_layer_nats", ".1f") == grouped
     assert rendering.per_layer("model05_mixture", balance, "active_units", "d") == "1000 + 200 + 100 + 128 + 0 + 3"
+
+
+def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
+    def row(chapter, images_per_s, flops_per_image, pairs_per_s):
+        return {"chapter": chapter, "path": "optimized",
+                "train": {"images_per_s": images_per_s, "flops_per_image": flops_per_image, "matmul_flops": 1e11},
+                "eval": {"pairs_per_s": pairs_per_s, "flops_per_pair": 1e8, "matmul_flops": 1e11}}
+    bench = {"rows": [row("model05", 300.0, 3e8, 1000.0), row("model06", 200.0, 3.3e8, 500.0)]}
+    monkeypatch.setattr(rendering, "load_bench", lambda: bench)
+    assert rendering.render_cost_ch6() == (
+        "Per training image it takes 1.5 times model05's time for 1.1 times its FLOPs, per evaluation pair 2.0 times "
+        "its time (`bench.py`, the optimized path, one process); the cores' utilization: training 66% (model05: "
+        "90%), evaluation 50% (100%).")
+    monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
+    assert "not measured yet" in rendering.render_cost_ch6()
