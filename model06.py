@@ -14,10 +14,11 @@ cells. Here:
   - the decoder's last convolution is 1x1 (VDVAE's out_conv): model05's 3x3 one at 32x32 took about a quarter of
     its training step on CPU, time spent here on the hierarchy instead.
 The sizes are chosen for 2 CPU cores: one width of 64 channels with a bottleneck of 32 (VDVAE's is a quarter of the
-width), 0.88M weights (model05: 1.07M) and about as many FLOPs per image as model05, but about 1.5x its time per
-training image (bench.py): many narrow convolutions keep a CPU busier with memory than with arithmetic. The
-observation model is model05's: model03's logistic (`--obs logistic`, its variance bound, `--unbounded`) or model04's
-mixture (`--obs mixture`, the default; `--components`), imported from those chapters' scripts.
+width), 0.88M weights (model05: 1.07M) and about as many FLOPs per image as model05, but more time per training
+image (README, chapter 6: bench.py's ratio): many narrow convolutions keep a CPU busier with memory than with
+arithmetic. The observation model is model05's: model03's logistic (`--obs logistic`, its variance bound,
+`--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`), imported from those chapters'
+scripts.
 
 Latent scales that stay sane. A rare draw rules model05's mixture run: its results give the bottom layer a mean rate
 of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is the prior's plus a shift, each
@@ -35,8 +36,8 @@ soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
 
-Run:  python model06.py --data-dir ../shared/data      (mixture, 14 layers: about 3 h for 50 epochs on 2 cores, then
-                                                         about 30 min to evaluate: 1.5x and 2x model05's times)
+Run:  python model06.py --data-dir ../shared/data      (mixture, 14 layers: on 2 CPU cores more than one 3-hour
+                                                         sitting; add --time-limit MINUTES, then --resume)
       python model06.py --data-dir ../shared/data --obs logistic --unbounded
 It writes runs/model06_mixture_{imgs,recs,samples,samples_var,curve,layers,temperatures}.png,
 model06_mixture_results.json and model06_mixture_checkpoint.pt (model06_logistic[_unbounded]_* with --obs logistic).
