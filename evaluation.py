@@ -135,35 +135,62 @@ def save_layer_grid(model, out_dir, name, eval_pmf, rows=6, draws=3):
     return how
 
 
-TEMPERATURES = (1.0, 0.8, 0.6, 0.4)  # rows of <name>_temperatures.png (VDVAE shows 0.1 to 1)
+TEMPERATURES = (1.0, 0.9, 0.8, 0.7)  # rows of <name>_temperatures.png: VDVAE's (its sampling notebook)
 
 
 @torch.no_grad()
-def save_temperature_grid(model, out_dir, name, eval_pmf, temperatures=TEMPERATURES, columns=8):
-    """<name>_temperatures.png, for a hierarchy (`generate(temperature=...)`): one labelled row per temperature t,
-    `columns` draws of z from the prior with every layer's standard deviation times t, their means E[x|z] on the
-    left and one draw x ~ p(x|z) for each of the same z on the right. t = 1 is the prior itself (_samples.png)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
+def temperature_rows(model, eval_pmf, temperatures=TEMPERATURES, columns=8):
+    """For a hierarchy (`generate(temperature=...)`), per temperature t: `columns` draws of z from the prior with
+    every layer's standard deviation times t, their means E[x|z], then one draw x ~ p(x|z) for each of the same z.
+    (len(temperatures), 2 * columns, C, H, W); t = 1 is the prior itself."""
     model.eval()
     rows = []
     for t in temperatures:
         px_z = model.generate(columns, eval_pmf, temperature=t)
         means, _ = observation_mean(px_z)
         rows.append(torch.cat([means, px_z.sample()]))  # (2 * columns, C, H, W)
-    height, width = rows[0].shape[-2:]
-    grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=2 * columns, padding=1)  # (C, rows, cols) in pixels
-    fig, ax = plt.subplots(figsize=(grid.shape[2] / 60 + 1.0, grid.shape[1] / 60 + 0.6), dpi=120)
+    return torch.stack(rows)
+
+
+def save_hierarchy_grids(model, out_dir, name, eval_pmf):
+    """A hierarchy's extra grids: <name>_layers.png (save_layer_grid) and <name>_temperatures.png, the prior's
+    samples at TEMPERATURES, means beside draws, one labelled row per temperature."""
+    save_layer_grid(model, out_dir, name, eval_pmf)
+    rows = temperature_rows(model, eval_pmf)
+    save_labelled_grid(list(rows.clamp(0, 1).cpu()), [f"t = {t:g}" for t in TEMPERATURES],
+                       ["prior samples at temperature t: means", "draws, same z"],
+                       os.path.join(out_dir, f"{name}_temperatures.png"), label_inches=0.8)
+
+
+def save_labelled_grid(rows, row_labels, titles, path, label_inches=4.2):
+    """One picture of labelled rows: rows[i] (len(titles) * n, C, H, W) in [0, 1] is split into len(titles)
+    groups of n images, set apart by white space, each group under its title, the row's label on its left (in a
+    margin of label_inches)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    n = len(rows[0]) // len(titles)
+    gap = torch.ones(3, rows[0].shape[-2] + 2, 8)  # white space between the groups of a row (the images and padding)
+    strips = []
+    for row in rows:
+        groups = [make_grid(g, nrow=n, padding=1, pad_value=1.0) for g in row.split(n)]
+        strips.append(torch.cat([torch.cat([g, gap[:, :g.shape[1]]], 2) for g in groups], 2)[:, :, :-8])
+    grid = make_grid(torch.stack(strips), nrow=1, padding=4, pad_value=1.0)  # (3, H, W)
+    height, width = grid.shape[1:]
+    left, top = label_inches, 0.4  # inches for the row labels and the column titles
+    w, h = width / 60, height / 60
+    fig = plt.figure(figsize=(w + left, h + top))
+    ax = fig.add_axes([left / (w + left), 0.0, w / (w + left), h / (h + top)])
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([1 + i * (height + 1) + height / 2 for i in range(len(temperatures))],
-                  [f"t = {t:g}" for t in temperatures])
-    ax.set_xticks([grid.shape[2] / 4, 3 * grid.shape[2] / 4], ["means E[x|z]", "draws x ~ p(x|z), same z"])
+    group = (width - 8) / len(titles)
+    ax.set_xticks([(j + 0.5) * group for j in range(len(titles))], titles, fontsize=9)
+    ax.xaxis.set_ticks_position("top")
+    ax.set_yticks([4 + (i + 0.5) * (height - 4) / len(rows) for i in range(len(rows))], row_labels, fontsize=9)
     ax.tick_params(length=0)
-    ax.set_title(f"{name}: samples from the prior at temperature t", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"{name}_temperatures.png"))
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

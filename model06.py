@@ -36,14 +36,14 @@ soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
 
-Run:  python model06.py --data-dir ../shared/data      (mixture, 14 layers: on 2 CPU cores more than one 3-hour
+Run:  python model06.py --data-dir ../shared/data      (mixture, 14 layers: on 2 CPU cores longer than one
                                                          sitting; add --time-limit MINUTES, then --resume)
       python model06.py --data-dir ../shared/data --obs logistic --unbounded
 It writes runs/model06_mixture_{imgs,recs,samples,samples_var,curve,layers,temperatures}.png,
 model06_mixture_results.json and model06_mixture_checkpoint.pt (model06_logistic[_unbounded]_* with --obs logistic).
 As model05's, model06_*_layers.png shows what each layer encodes: each row keeps one draw of the top layers from the
 prior and resamples the layers below it. model06_*_temperatures.png shows samples from the prior with every layer's
-standard deviation scaled by t = 1, 0.8, 0.6, 0.4, as VDVAE shows its samples.
+standard deviation scaled by a temperature t <= 1 (evaluation.TEMPERATURES, VDVAE's).
 """
 import math
 
@@ -251,12 +251,6 @@ def build_model(args):
     return VAE(observation, layers=args.layers)
 
 
-def save_hierarchy_grids(model, out_dir, name, eval_pmf):
-    """model05's layer grid, and samples from the prior at lower temperatures beside those at 1."""
-    evaluation.save_layer_grid(model, out_dir, name, eval_pmf)
-    evaluation.save_temperature_grid(model, out_dir, name, eval_pmf)
-
-
 def run(argv):
     args = parser().parse_args(argv)
     if args.obs != "logistic" and args.unbounded:
@@ -270,7 +264,7 @@ def run(argv):
     name = f"model06_{args.obs}" + ("_unbounded" if args.unbounded else "")
     return experiment.run_experiment(args, argv, script="model06.py", name=name, data=images, eval_pmf=EVAL_PMF,
                                      build_model=lambda: build_model(args),
-                                     extra_grids=save_hierarchy_grids)
+                                     extra_grids=evaluation.save_hierarchy_grids)
 
 
 def main(argv=None):

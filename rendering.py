@@ -268,39 +268,43 @@ def render_numbers(names):
     return "\n".join(out) or "not run yet"
 
 
-LATENT_SCALE_RATIO = 10  # sane latent scales: in every layer in use, the largest one-sample rate within 10x the median
-UNUSED_LAYER_NATS = 1.0  # a layer whose median one-sample rate is below this carries almost nothing (unused)
+CH6_RUNS = ("model06_logistic_unbounded", "model06_mixture")
+LATENT_SCALE_RATIO = 10  # sane latent scales: in every layer, the largest one-sample rate within 10x the median
+UNUSED_LAYER_NATS = 1.0  # ... or within 10x this, for a layer whose median is below it (one that carries ~nothing)
 
 
 def render_latents_ch6():
     """Chapter 6: where the bits go (the rate per latent map size, its share, active units) and whether the latent
-    scales stayed sane: each layer's largest one-sample rate over the test images against its median, for the layers
-    in use (an unused layer's ratio is one of numbers near zero), and the largest in nats of any layer."""
+    scales stayed sane: each layer's largest one-sample rate over the test images against its median (at least
+    UNUSED_LAYER_NATS, so that a layer that carries almost nothing is not judged on noise)."""
     lines = ["| run | latent maps | layers | units per layer | rate, nats/image | share of the rate | active units | "
-             "largest / median one-sample rate, worst layer in use | largest one-sample rate, nats |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("model06_logistic_unbounded", "model06_mixture"):
+             "largest one-sample rate, nats | largest / median, worst layer | within 10x |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    images = set()
+    for name in CH6_RUNS:
         r = load(name)
         if r is None:
             continue
         b = r["test_balance"]
+        images.add(b["images"])
         median, largest = b["rate_per_layer_median_nats"], b["rate_per_layer_max_nats"]
-        for size, layers in reversed(latent_maps(b)):  # top first, as the maps are drawn
+        for size, layers in latent_maps(b):  # bottom first, as the mechanism table
             rate = sum(b["rate_per_layer_nats"][i] for i in layers)
-            used = [i for i in layers if median[i] >= UNUSED_LAYER_NATS]
-            count = f"{len(layers)}" + (f" ({len(layers) - len(used)} unused)" if len(used) < len(layers) else "")
-            ratio = f"{max(largest[i] / median[i] for i in used):.1f}" if used else "none in use"
-            lines.append(f"| {label(name)} | {size} | {count} | {b['latent_units'][layers[0]]} | {rate:.1f} | "
-                         f"{100 * rate / b['rate_nats']:.0f}% | {sum(b['active_units'][i] for i in layers)} of "
-                         f"{sum(b['latent_units'][i] for i in layers)} | {ratio} | "
-                         f"{max(largest[i] for i in layers):.1f} |")
+            unused = sum(median[i] < UNUSED_LAYER_NATS for i in layers)
+            ratio = max(largest[i] / max(median[i], UNUSED_LAYER_NATS) for i in layers)
+            lines.append(f"| {label(name)} | {size} | {len(layers)}{f' ({unused} unused)' if unused else ''} | "
+                         f"{b['latent_units'][layers[0]]} | {rate:.1f} | {100 * rate / b['rate_nats']:.0f}% | "
+                         f"{sum(b['active_units'][i] for i in layers)} of {sum(b['latent_units'][i] for i in layers)} | "
+                         f"{max(largest[i] for i in layers):.1f} | {ratio:.1f} | "
+                         f"{'yes' if ratio <= LATENT_SCALE_RATIO else 'no'} |")
     if len(lines) == 2:
         return "not run yet"
+    counts = " and ".join(f"{n:,}" for n in sorted(images))
     return "\n".join(lines + [
-        "", f"Rates over all {b['images']:,} test images, one draw of z each. Sane latent scales, as this chapter asks "
-            f"of them: in every layer in use the largest one-sample rate within {LATENT_SCALE_RATIO} times the "
-            f"median. A layer whose median is below {UNUSED_LAYER_NATS:g} nat is unused: its posterior is its prior, "
-            f"and its ratio is one of numbers near zero, so its largest rate is shown in nats instead."])
+        "", f"Rates over the {counts} test images of the runs, one draw of z each, bottom map first. Sane latent "
+            f"scales, as this chapter asks of them: in every layer the largest one-sample rate within "
+            f"{LATENT_SCALE_RATIO} times the median, or within {LATENT_SCALE_RATIO} nats where the median is below "
+            f"{UNUSED_LAYER_NATS:g} nat (an unused layer, which carries almost nothing)."])
 
 
 def render_ablations():
@@ -341,15 +345,18 @@ def render_cost_ch6():
     b = load_bench()
     rows = {r["chapter"]: r for r in (b or {}).get("rows", []) if r["path"] == "optimized"}
     if "model06" not in rows or "model05" not in rows:
-        return "Its cost against model05 is not measured yet: run `python bench.py`."
+        return ("What model06 costs against model05 is not measured yet: `python bench.py`, then copy "
+                "`runs/bench.json` to `assets/` and run `python rendering.py`.")
     new, old = rows["model06"], rows["model05"]
-    use = {name: {part: bench.utilization(r[part][rate], r[part][flops], r[part]["matmul_flops"])
+    use = {name: {part: bench.utilization(rows[name][part][rate], rows[name][part][flops],
+                                          rows[name][part]["matmul_flops"])
                   for part, rate, flops in (("train", "images_per_s", "flops_per_image"),
-                                            ("eval", "pairs_per_s", "flops_per_pair"))} for name, r in rows.items()}
-    return (f"Per training image it takes {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} times "
-            f"model05's time for {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} times its "
-            f"FLOPs, per evaluation pair {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time "
-            f"(`bench.py`, the optimized path, one process); the cores' utilization: training "
+                                            ("eval", "pairs_per_s", "flops_per_pair"))}
+           for name in ("model05", "model06")}
+    return (f"Per training image model06 takes {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} "
+            f"times model05's time for {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} times "
+            f"its FLOPs, per evaluation pair {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its "
+            f"time (`bench.py`, the optimized path, one process); the cores' utilization: training "
             f"{use['model06']['train']:.0%} (model05: {use['model05']['train']:.0%}), evaluation "
             f"{use['model06']['eval']:.0%} ({use['model05']['eval']:.0%}).")
 
@@ -379,10 +386,14 @@ def render_defaults():
             lines.append(f"| `python {r['chapter']}.py` | {args.epochs} | {args.batch_size} | {train_h:.1f} h | "
                          f"{args.eval_samples} | {eval_min:.0f} min |")
     import reproduce
-    total = sum(sum(reproduce.hours(script) or (0, 0)) for _, script, _ in reproduce.RUNS)
-    return "\n".join(lines + ["", f"`python reproduce.py` runs {len(reproduce.RUNS)} such runs (variants at their "
-                                   f"script's default rate): about {total:.0f} h of training and evaluation on these "
-                                   f"cores, and as much evaluation again for the checks."])
+    hours = {name: reproduce.hours(script) for name, script, _ in reproduce.RUNS}
+    total = sum(sum(h) for h in hours.values() if h)
+    missing = [name for name, h in hours.items() if h is None]
+    unmeasured = f" for the {len(hours) - len(missing)} whose script bench.py has measured" if missing else ""
+    return "\n".join(lines + ["", f"`python reproduce.py` runs {len(hours)} such runs (variants at their script's "
+                                   f"default rate): about {total:.0f} h of training and evaluation on these "
+                                   f"cores{unmeasured}, and as much evaluation again for the checks."
+                                   + (f" Not measured yet: {', '.join(missing)}." if missing else "")])
 
 
 def render_s_sweep():
@@ -467,7 +478,7 @@ TABLES = {
     "numbers_ch4": lambda: render_numbers(["model03_unbounded", "model04"]),
     "numbers_ab": render_ablations,
     "numbers_ch5": lambda: render_numbers(["model05_logistic_unbounded", "model05_mixture"]),
-    "numbers_ch6": lambda: render_numbers(["model06_logistic_unbounded", "model06_mixture"]),
+    "numbers_ch6": lambda: render_numbers(CH6_RUNS),
     "latents_ch6": render_latents_ch6, "cost_ch6": render_cost_ch6,
     "numbers_beta": lambda: render_numbers(["model02_beta0.3679"]),
     "balance": render_balance, "roughness": render_roughness, "provenance": render_provenance,
@@ -521,7 +532,7 @@ def draw_summary(data_dir, runs_dir=ASSETS, out=os.path.join(ASSETS, "summary.pn
     the means of p(x|z) and draws from it for z ~ p(z) drawn with the same seed for every model."""
     import torch
     import data
-    from evaluation import observation_mean
+    from evaluation import observation_mean, save_labelled_grid
     images = data.load_colour("cifar10", data_dir, download=False)
     x = images.test_batch(images.test[:SUMMARY_IMAGES])
     rows, names = [], []
@@ -539,39 +550,9 @@ def draw_summary(data_dir, runs_dir=ASSETS, out=os.path.join(ASSETS, "summary.pn
             draws = px_z.sample()
         rows.append(torch.cat([x, recs, means, draws]).clamp(0, 1))
         names.append(f"{label(name)}: {r['test_bpd']:.2f} bits/dim")
-    _save_summary(rows, names, out)
+    save_labelled_grid(rows, names, ["test images", "reconstructions (means)", "prior samples: means",
+                                     "prior samples: draws"], out)
     return len(rows)
-
-
-def _save_summary(rows, names, out):
-    """rows: per model, (4 * SUMMARY_IMAGES, C, H, W) in [0, 1]; one picture, a labelled row per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from torchvision.utils import make_grid
-    gap = torch.ones(3, 34, 8)  # white space between the four groups of a row (34: 32 pixels and the padding)
-    strips = []
-    for row in rows:
-        groups = [make_grid(g, nrow=SUMMARY_IMAGES, padding=1, pad_value=1.0) for g in row.split(SUMMARY_IMAGES)]
-        strips.append(torch.cat([torch.cat([g, gap[:, :g.shape[1]]], 2) for g in groups], 2)[:, :, :-8])
-    grid = make_grid(torch.stack(strips), nrow=1, padding=4, pad_value=1.0)  # (3, H, W)
-    height, width = grid.shape[1:]
-    left, top = 4.2, 0.4  # inches for the row labels and the column titles
-    w, h = width / 60, height / 60
-    fig = plt.figure(figsize=(w + left, h + top))
-    ax = fig.add_axes([left / (w + left), 0.0, w / (w + left), h / (h + top)])
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    group = (width - 8) / 4
-    titles = ["test images", "reconstructions (means)", "prior samples: means", "prior samples: draws"]
-    ax.set_xticks([(j + 0.5) * group for j in range(4)], titles, fontsize=9)
-    ax.xaxis.set_ticks_position("top")
-    ax.set_yticks([4 + (i + 0.5) * (height - 4) / len(rows) for i in range(len(rows))], names, fontsize=9)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):

@@ -190,25 +190,31 @@ def test_temperature_scales_the_prior_spread_of_every_layer():
         for block in model.blocks:
             block.prior_head[-1].weight.normal_(0, 0.1)
             block.prior_head[-1].bias.normal_(0, 0.5)
-    cold = [model.generate(3, temperature=0.0).mean for _ in range(2)]
-    assert torch.allclose(cold[0], cold[1])  # t = 0: every layer at its prior mean, nothing random left
+    first, second = (model.generate(3, temperature=0.0).mean for _ in range(2))
+    assert torch.allclose(first, second)  # t = 0: every layer at its prior mean, nothing random left
     noise = {}
     for t in (1.0, 0.5):  # the same noise: each layer's draw is t times as many of its own prior's std from its mean
         torch.manual_seed(1)
         noise[t] = [(z - pz.mean) / pz.stddev for z, pz, _ in model.top_down(3, temperature=t)[1]]
-    assert all(torch.allclose(cold, 0.5 * warm, atol=1e-5) for cold, warm in zip(noise[0.5], noise[1.0]))
+    assert all(torch.allclose(half, 0.5 * full, atol=1e-5) for half, full in zip(noise[0.5], noise[1.0]))
+    torch.manual_seed(2)  # t = 1 is plain ancestral sampling from the prior, draw for draw
+    h, plain = model.initial_state(3), []
+    for block in model.blocks:
+        pz, _ = block.latent(block.prior_net(h))
+        plain.append(pz.rsample())
+        h = block.update(h, plain[-1])
     torch.manual_seed(2)
-    warm = model.generate(3, temperature=1.0).mean
-    torch.manual_seed(2)
-    assert torch.equal(warm, model.generate(3).mean)  # t = 1 is the prior, draw for draw
+    assert all(torch.equal(z, p) for (z, _, _), p in zip(model.top_down(3, temperature=1.0)[1], plain))
 
 
-def test_temperature_grid_is_written(tmp_path):
-    from PIL import Image
+def test_temperature_rows_hold_means_then_draws_of_the_same_z():
+    torch.manual_seed(0)
     model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
-    evaluation.save_temperature_grid(model, tmp_path, "m", eval_pmf=True, temperatures=(1.0, 0.5), columns=3)
-    width, height = Image.open(tmp_path / "m_temperatures.png").size
-    assert width > 6 * 33 and height > 2 * 33  # the images and the labels around them
+    rows = evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0, 0.0), columns=3)
+    assert rows.shape == (2, 6, 3, 32, 32)
+    cold = rows[1]  # t = 0: z is the prior's mean, so the means repeat and the draws differ around them
+    assert torch.allclose(cold[0], cold[1]) and not torch.equal(cold[3], cold[4])
+    assert not torch.allclose(rows[0][0], rows[0][1])  # t = 1: three different z
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def test_every_image_the_readme_shows_is_shipped():
 
 
 def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_path, monkeypatch):
-    """A model06 run's layers are summed per latent map size (from the units per layer: 8 maps each); the ratio is
-    of the layers in use (median one-sample rate of 1 nat or more)."""
+    """A model06 run's layers are summed per latent map size (from the units per layer: 8 maps each); a layer's
+    ratio is to its median or to 1 nat, whichever is larger, so an unused layer is not judged on noise."""
     import json
     balance = {"latent_units": [2048, 512, 512, 128, 128, 8],
                "rate_per_layer_nats": [300.0, 100.0, 50.0, 40.0, 0.0, 10.0],
@@ -89,10 +89,10 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
     monkeypatch.setattr(rendering, "ROOT", str(tmp_path))
     rows = rendering.render_latents_ch6().splitlines()[2:6]
     label = rendering.label("model06_mixture")
-    assert rows == [f"| {label} | 1x1 | 1 (1 unused) | 8 | 10.0 | 2% | 3 of 8 | none in use | 30.0 |",
-                    f"| {label} | 4x4 | 2 (1 unused) | 128 | 40.0 | 8% | 128 of 256 | 2.0 | 60.0 |",  # not 0.7 / 0.01
-                    f"| {label} | 8x8 | 2 | 512 | 150.0 | 30% | 300 of 1024 | 10.0 | 900.0 |",  # 900/90, not 80/40
-                    f"| {label} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 2.1 | 600.0 |"]
+    assert rows == [f"| {label} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |",
+                    f"| {label} | 8x8 | 2 | 512 | 150.0 | 30% | 300 of 1024 | 900.0 | 10.0 | yes |",  # 900/90
+                    f"| {label} | 4x4 | 2 (1 unused) | 128 | 40.0 | 8% | 128 of 256 | 60.0 | 2.0 | yes |",  # 0.7/1
+                    f"| {label} | 1x1 | 1 (1 unused) | 8 | 10.0 | 2% | 3 of 8 | 30.0 | 30.0 | no |"]  # 30/1
     grouped = "16x16: 300.0 + 8x8: 150.0 + 4x4: 40.0 + 1x1: 10.0"
     assert rendering.per_layer("model06_mixture", balance, "rate_per_layer_nats", ".1f") == grouped
     assert rendering.per_layer("model05_mixture", balance, "active_units", "d") == "1000 + 200 + 100 + 128 + 0 + 3"
@@ -106,7 +106,7 @@ def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
     bench = {"rows": [row("model05", 300.0, 3e8, 1000.0), row("model06", 200.0, 3.3e8, 500.0)]}
     monkeypatch.setattr(rendering, "load_bench", lambda: bench)
     assert rendering.render_cost_ch6() == (
-        "Per training image it takes 1.5 times model05's time for 1.1 times its FLOPs, per evaluation pair 2.0 times "
+        "Per training image model06 takes 1.5 times model05's time for 1.1 times its FLOPs, per evaluation pair 2.0 times "
         "its time (`bench.py`, the optimized path, one process); the cores' utilization: training 66% (model05: "
         "90%), evaluation 50% (100%).")
     monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
