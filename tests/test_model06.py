@@ -161,12 +161,19 @@ def test_a_model_with_saturated_heads_gives_finite_rates_and_gradients():
 # ---------------------------------------------------------------------------------------------------
 # The layer grid's interface: the top layers kept, the rest redrawn
 # ---------------------------------------------------------------------------------------------------
-def test_top_layers_are_kept_and_the_rest_redrawn():
+def model_with_dependent_priors(prior_bias=0.0):
+    """A small model06 whose priors depend on the layers above (and, with prior_bias, are off N(0, I))."""
     torch.manual_seed(0)
     model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
-    with torch.no_grad():  # priors that depend on the layers above
+    with torch.no_grad():
         for block in model.blocks:
             block.prior_head[-1].weight.normal_(0, 0.1)
+            block.prior_head[-1].bias.normal_(0, prior_bias)
+    return model
+
+
+def test_top_layers_are_kept_and_the_rest_redrawn():
+    model = model_with_dependent_priors()
     _, layers = model.top_down(4)
     z_all = [z for z, _, _ in layers]
     assert torch.equal(model.generate(4, z_top=z_all).mean, model.generate(4, z_top=z_all).mean)
@@ -184,12 +191,7 @@ def test_layer_grid_layout(tmp_path):
 
 
 def test_temperature_scales_the_prior_spread_of_every_layer():
-    torch.manual_seed(0)
-    model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
-    with torch.no_grad():  # priors that depend on the layers above
-        for block in model.blocks:
-            block.prior_head[-1].weight.normal_(0, 0.1)
-            block.prior_head[-1].bias.normal_(0, 0.5)
+    model = model_with_dependent_priors(prior_bias=0.5)
     first, second = (model.generate(3, temperature=0.0).mean for _ in range(2))
     assert torch.allclose(first, second)  # t = 0: every layer at its prior mean, nothing random left
     noise = {}
