@@ -118,7 +118,8 @@ def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval
                    help="skip (and count) a step whose gradient norm exceeds this, as well as any non-finite step")
     p.add_argument("--skip-grad-ratio", type=positive_float, default=skip_grad_ratio,
                    help=f"also skip a step whose gradient norm exceeds this many times the median of the last "
-                        f"{GRAD_NORM_WINDOW} steps taken (inf = off): one outlier step can wreck Adam's weights")
+                        f"{GRAD_NORM_WINDOW} steps, skipped ones included (inf = off): one outlier step can wreck "
+                        f"Adam's weights")
     p.add_argument("--max-skips", type=positive_int, default=100, help="stop the run after this many skipped steps in a row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda if available")
     p.add_argument("--threads", type=non_negative_int, default=0,

@@ -40,7 +40,7 @@ EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood (README: 
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
 SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
-SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median of the last 100 steps taken: one such
+SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median norm of the last 100 steps: one such
                         # step wrecked this chapter's first 50-epoch run (README: the training guard)
 NUM_COMPONENTS = 10  # mixture components per pixel (PixelCNN++ uses 5 to 10)
 LOG_SCALE_MIN = -7.0  # floor on the log-scale, as PixelCNN++ (there on [-1, 1] data)

@@ -76,7 +76,7 @@ EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapt
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
 SKIP_GRAD_NORM = 1e9  # skip a step with a larger gradient norm: a last resort (README: the training guard)
-SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median of the last 100 steps taken, as model04
+SKIP_GRAD_RATIO = 10.0  # and one whose norm is 10x the median norm of the last 100 steps, as model04
 
 
 def head(channels_in, hidden, channels_out, kernel=3):

@@ -70,7 +70,7 @@ class TrainState:
     test_curve: list = field(default_factory=list)  # after each epoch: (epoch, step, test ELBO, rate, distortion)
     segments: list = field(default_factory=list)  # one dict per sitting: start, end, steps, seconds, hardware
     stopped_by_guard: dict = None  # set when the divergence guard ended training: step, epoch, reason
-    recent_grad_norms: list = field(default_factory=list)  # of the last GRAD_NORM_WINDOW steps taken
+    recent_grad_norms: list = field(default_factory=list)  # of the last GRAD_NORM_WINDOW finite norms, skipped too
     skips: list = field(default_factory=list)  # the first MAX_SKIPS_LISTED skipped steps: step, loss, norm, threshold
 
 
@@ -138,7 +138,7 @@ def restore(blob, model, optimizer=None, rng=True):
 # ---------------------------------------------------------------------------------------------------
 # The guarded step
 # ---------------------------------------------------------------------------------------------------
-GRAD_NORM_WINDOW = 100  # --skip-grad-ratio compares a step's gradient norm with the median of this many steps taken
+GRAD_NORM_WINDOW = 100  # --skip-grad-ratio compares a step's gradient norm with the median of this many steps' norms
 MAX_SKIPS_LISTED = 1000  # skipped steps listed one by one in the results (all are counted)
 
 
@@ -187,8 +187,11 @@ def finite_or_none(value):
 @dataclass
 class SkipGuard:
     """Skips a step whose loss or gradient norm is not finite, or whose norm exceeds `max_norm` or `ratio` times
-    the median norm of the last GRAD_NORM_WINDOW steps taken (once there are that many); counts and lists the
-    skips in the TrainState, and stops the run (state.stopped_by_guard) after `max_in_a_row` skips in a row.
+    the median norm of the last GRAD_NORM_WINDOW steps with a finite norm, skipped ones included (once there are
+    that many); counts and lists the skips in the TrainState, and stops the run (state.stopped_by_guard) after
+    `max_in_a_row` skips in a row. Counting the skipped norms skips a spike but follows a lasting rise after half a
+    window: a median of the steps taken only stays where the rise began, and skips every step until the run stops
+    (chapter 6's free logistic, whose gradient norms rose as its scales sharpened, stopped so in its first epoch).
 
     The decision is made on the device (`threshold`, then `train_step`; the recent norms are kept there too); the
     host learns of it when it `read`s the steps since the last read, which the loop does every step on a CPU and
@@ -218,10 +221,12 @@ class SkipGuard:
                            self.max_norm_t)
 
     def after_step(self, where, loss, norm, taken, threshold):
-        """Keeps a taken step's norm among the recent ones, and the step's record for the next `read`. `where`:
-        (the step's number, the epoch it was in, the completed epochs after it, its learning rate)."""
-        self.norms = torch.where(taken, torch.cat([self.norms[1:], norm.double().view(1)]), self.norms)
-        self.count = self.count + taken
+        """Keeps the step's norm among the recent ones where it is finite, taken or not, and the step's record for
+        the next `read`. `where`: (the step's number, the epoch it was in, the completed epochs after it, its
+        learning rate)."""
+        finite = torch.isfinite(norm)
+        self.norms = torch.where(finite, torch.cat([self.norms[1:], norm.double().view(1)]), self.norms)
+        self.count = self.count + finite
         self.pending.append(torch.stack([loss.double(), norm.double(), taken.double(), threshold]))
         self.pending_host.append(where)
 
@@ -236,9 +241,10 @@ class SkipGuard:
         self.pending, self.pending_host = [], []
 
     def _record(self, state, step, epoch, loss, norm, taken, threshold):
+        if math.isfinite(norm):
+            state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [norm]
         if taken:
             self.in_a_row = 0
-            state.recent_grad_norms = state.recent_grad_norms[1 - GRAD_NORM_WINDOW:] + [norm]
             return
         state.skipped_steps += 1
         self.in_a_row += 1

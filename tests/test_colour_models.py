@@ -119,6 +119,26 @@ def test_a_step_far_above_the_recent_gradient_norms_is_skipped(tmp_path):
     assert run(math.inf).skipped_steps == 0
 
 
+def test_a_lasting_rise_of_the_gradient_norm_is_followed_not_skipped_until_the_run_stops(tmp_path):
+    """The gradient norm is 1 for 120 steps, then 20 for good (as a free scale sharpens): the ratio guard skips the
+    first steps of the rise, until the skipped norms are half the window, then takes every step; a median of the
+    steps taken only would stay at 1 and stop the run after 100 skips in a row."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    calls = [0]
+
+    def loss(x):
+        calls[0] += 1
+        return (1.0 if calls[0] <= 120 else 20.0) * model.weight.sum()
+    data = types.SimpleNamespace(train=torch.zeros(300, 1), train_batch=lambda x: x)
+    plan = training.Plan(batch_size=1, epochs=1, lr_at=training.constant_lr, base_lr=1e-3)
+    state = training.train(model, training.make_optimizer(model, 1e-3), loss, data, training.TrainState(), plan,
+                           training.Sitting(str(tmp_path / "rise.pt"), {}), training.SkipGuard(ratio=10.0),
+                           progress=False)
+    assert state.stopped_by_guard is None and state.step == 300
+    assert state.skipped_steps == training.GRAD_NORM_WINDOW // 2  # steps 121-170; at 171 the median is 10.5
+    assert [s["step"] for s in state.skips] == list(range(121, 121 + training.GRAD_NORM_WINDOW // 2))
+
+
 def test_evaluation_is_float32_whatever_the_training_precision(cifar_bin_dir, tmp_path):
     """--amp trains the networks in bf16; scoring a checkpoint must not depend on it (the results say so)."""
     assert model03.main(args(cifar_bin_dir, tmp_path / "run", "--max-steps", "2", "--no-compile")) == 0

@@ -9,7 +9,7 @@ import torch
 import devices
 import training
 
-STEPS, BATCH, N = 260, 8, 40  # 52 epochs of 5 steps: past the ratio guard's window of 100 steps taken
+STEPS, BATCH, N = 260, 8, 40  # 52 epochs of 5 steps: past the ratio guard's window of 100 steps
 
 
 def spiky_loss(model):
@@ -50,9 +50,10 @@ def host_decided(max_norm, ratio):
         threshold = max_norm
         if math.isfinite(ratio) and len(recent) >= training.GRAD_NORM_WINDOW:
             threshold = min(max_norm, ratio * statistics.median(recent))
+        if torch.isfinite(norm):  # skipped or not
+            recent = recent[1 - training.GRAD_NORM_WINDOW:] + [norm.item()]
         if bool(torch.isfinite(value) and torch.isfinite(norm) and norm <= threshold):
             optimizer.step()
-            recent = recent[1 - training.GRAD_NORM_WINDOW:] + [norm.item()]
         else:
             skipped.append(step + 1)
     return model, optimizer, recent, skipped
