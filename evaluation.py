@@ -142,20 +142,29 @@ TEMPERATURES = (1.0, 0.9, 0.8, 0.7)  # rows of <name>_temperatures.png: VDVAE's 
 def temperature_rows(model, eval_pmf, temperatures=TEMPERATURES, columns=8):
     """For a hierarchy (`generate(temperature=...)`), per temperature t: `columns` draws of z from the prior with
     every layer's standard deviation times t, their means E[x|z], then one draw x ~ p(x|z) for each of the same z.
-    (len(temperatures), 2 * columns, C, H, W); t = 1 is the prior itself."""
+    (len(temperatures), 2 * columns, C, H, W); t = 1 is the prior itself. Every row draws the same noise, so that a
+    column is one sample cooled (VDVAE's notebook draws afresh at each t)."""
     model.eval()
+    seed = int(torch.randint(2 ** 31, ()))  # one draw of the caller's generator: the grid still follows the run's seed
     rows = []
     for t in temperatures:
-        px_z = model.generate(columns, eval_pmf, temperature=t)
-        means, _ = observation_mean(px_z)
-        rows.append(torch.cat([means, px_z.sample()]))  # (2 * columns, C, H, W)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            px_z = model.generate(columns, eval_pmf, temperature=t)
+            means, _ = observation_mean(px_z)
+            rows.append(torch.cat([means, px_z.sample()]))  # (2 * columns, C, H, W)
     return torch.stack(rows)
 
 
 def save_hierarchy_grids(model, out_dir, name, eval_pmf):
-    """A hierarchy's extra grids: <name>_layers.png (save_layer_grid) and <name>_temperatures.png, the prior's
-    samples at TEMPERATURES, means beside draws, one labelled row per temperature."""
+    """A hierarchy's extra grids: <name>_layers.png (save_layer_grid) and <name>_temperatures.png."""
     save_layer_grid(model, out_dir, name, eval_pmf)
+    save_temperature_grid(model, out_dir, name, eval_pmf)
+
+
+def save_temperature_grid(model, out_dir, name, eval_pmf):
+    """<name>_temperatures.png: the prior's samples at TEMPERATURES, means beside draws, one labelled row per
+    temperature."""
     rows = temperature_rows(model, eval_pmf)
     save_labelled_grid(list(rows.clamp(0, 1).cpu()), [f"t = {t:g}" for t in TEMPERATURES],
                        ["prior samples at temperature t: means", "draws, same z"],

@@ -219,6 +219,18 @@ def test_temperature_rows_hold_means_then_draws_of_the_same_z():
     assert not torch.allclose(rows[0][0], rows[0][1])  # t = 1: three different z
 
 
+def test_every_temperature_row_draws_the_same_noise_and_the_grid_follows_the_callers_seed():
+    torch.manual_seed(0)
+    model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
+    torch.manual_seed(3)
+    rows = evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0, 1.0), columns=3)
+    assert torch.equal(rows[0], rows[1])  # one column is one sample, at every temperature
+    torch.manual_seed(3)
+    assert torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[0])
+    torch.manual_seed(4)
+    assert not torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[0])
+
+
 # ---------------------------------------------------------------------------------------------------
 # main([...]) on tiny fake CIFAR-10 (20 training images per file: 100 images)
 # ---------------------------------------------------------------------------------------------------
