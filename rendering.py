@@ -136,11 +136,15 @@ def render_findings():
     bpd = {name: res["test_bpd"] for name, res in r.items() if "test_bpd" in res}
     b = {name: res["test_balance"] for name, res in r.items()}
     best = min(bpd, key=bpd.get)
+    ratio = {name: t["draws"] / t["data"] for name, t in rough.items() if name in bpd}  # colour runs' draws / data
+    hierarchies = [name for name in ratio if name.startswith(("model05", "model06"))]
+    closest = "the closest" if max(ratio[n] for n in hierarchies) < min(ratio[n] for n in ratio
+                                                                         if n not in hierarchies) else "among the closest"
     lines = [
         f"- **A bounded variance makes the draws noise.** With the original's tanh bound (standard deviation >= 0.61 "
         f"on [0, 1] pixels) the Gaussian and the logistic sit at the bound and score {bpd['model02']:.2f} and "
-        f"{bpd['model03']:.2f} bits/dim, worse than a uniform distribution over 256 values (8); their means are "
-        f"smooth ({rough['model03']['sample_means']:.1f} levels of roughness) and their draws noise "
+        f"{bpd['model03']:.2f} bits/dim, worse than a uniform distribution over 256 values (8); the logistic's means "
+        f"are smooth ({rough['model03']['sample_means']:.1f} levels of roughness) and its draws noise "
         f"({rough['model03']['draws']:.0f} levels; the data: {rough['model03']['data']:.1f}).",
         f"- **Freeing it fixes the likelihood and keeps a picture in the draws.** Unbounded, the same networks score "
         f"{bpd['model02_unbounded']:.2f} (Gaussian) and {bpd['model03_unbounded']:.2f} (logistic) bits/dim; the rate "
@@ -151,18 +155,22 @@ def render_findings():
         f"- **The original showed means only; the draws are where the bound does its damage.** Its claim that the "
         f"unbounded model's means become terrible does not hold here; that bounded draws are useless does.",
         f"- **A mixture with RGB autoregression, then a hierarchy, lower the bits/dim further**: "
-        f"{bpd['model04']:.3f} (chapter 4), {bpd['model05_mixture']:.3f} for {label('model05_mixture')}"
-        f"{' (the lowest here)' if best == 'model05_mixture' else ''}; the hierarchies' draws are the closest to the "
-        f"data's roughness, but no sample from the prior shows an object.",
+        f"{bpd['model04']:.3f} (chapter 4), {bpd['model05_mixture']:.3f} with three latent layers (chapter 5)"
+        f"{' (the lowest here)' if best == 'model05_mixture' else ''}."
+        + ("" if "model06_mixture" in bpd else f" The hierarchy's draws are {closest} of any colour run to the "
+                                               f"data's roughness, but no sample from the prior shows an object."),
     ]
     if "model06_mixture" in bpd:
+        import evaluation
         new, old = "model06_mixture", "model05_mixture"
         lines.append(f"- **A deeper hierarchy of spatial latents (chapter 6) "
                      f"{'lowers' if bpd[new] < bpd[old] else 'does not lower'} the bits/dim again, and shows no objects "
                      f"either.** With the mixture, model06 scores {bpd[new]:.3f} bits/dim"
-                     f"{' (the lowest here)' if best == new else ''} against model05's {bpd[old]:.3f}, and its draws have "
-                     f"{rough[new]['draws']:.1f} levels of roughness (the data: {rough[new]['data']:.1f}); its samples "
-                     f"from the prior are textures, at every temperature drawn.")
+                     f"{' (the lowest here)' if best == new else ''} against model05's {bpd[old]:.3f}. The hierarchies' "
+                     f"draws are {closest} of any colour run to the data's roughness (model06's "
+                     f"{rough[new]['draws']:.1f} levels, the data's {rough[new]['data']:.1f}), but their samples from "
+                     f"the prior are textures, not objects, at temperatures {max(evaluation.TEMPERATURES):g} down to "
+                     f"{min(evaluation.TEMPERATURES):g}.")
     if "model04_1component" in bpd and "model04_no_autoregression" in bpd:
         lines.append(f"- **Chapter 4's two changes overlap.** Either alone buys most of its gain over the free "
                      f"logistic: one logistic with RGB autoregression scores {bpd['model04_1component']:.3f} bits/dim, "
@@ -286,14 +294,13 @@ def render_latents_ch6():
     """Chapter 6: where the bits go (the rate per latent map size, its share, active units) and whether the latent
     scales stayed sane: each layer's largest one-sample rate over the test images against its median (at least
     UNUSED_LAYER_NATS, so that a layer that carries almost nothing is not judged on noise)."""
-    lines = ["| run | latent maps | layers | units per layer | rate, nats/image | share of the rate | active units | "
-             "largest one-sample rate, nats | largest / median, worst layer | within 10x |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    images = set()
-    for name in CH6_RUNS:
-        r = load(name)
-        if r is None:
-            continue
+    runs = [(name, r) for name, r in ((name, load(name)) for name in CH6_RUNS) if r is not None]
+    if not runs:
+        return "not run yet"
+    rows, images = [["run", "latent maps", "layers", "units per layer", "rate, nats/image", "share of the rate",
+                     "active units", "largest one-sample rate of one layer, nats", "largest / median, worst layer",
+                     "within 10x"]], set()
+    for name, r in runs:
         b = r["test_balance"]
         images.add(b["images"])
         median, largest = b["rate_per_layer_median_nats"], b["rate_per_layer_max_nats"]
@@ -301,16 +308,19 @@ def render_latents_ch6():
             rate = sum(b["rate_per_layer_nats"][i] for i in layers)
             unused = sum(median[i] < UNUSED_LAYER_NATS for i in layers)
             ratio = max(largest[i] / max(median[i], UNUSED_LAYER_NATS) for i in layers)
-            lines.append(f"| {label(name)} | {size} | {len(layers)}{f' ({unused} unused)' if unused else ''} | "
-                         f"{b['latent_units'][layers[0]]} | {rate:.1f} | {100 * rate / b['rate_nats']:.0f}% | "
-                         f"{sum(b['active_units'][i] for i in layers)} of {sum(b['latent_units'][i] for i in layers)} | "
-                         f"{max(largest[i] for i in layers):.1f} | {ratio:.1f} | "
-                         f"{'yes' if ratio <= LATENT_SCALE_RATIO else 'no'} |")
-    if len(lines) == 2:
-        return "not run yet"
+            rows.append([label(name), size, f"{len(layers)}{f' ({unused} unused)' if unused else ''}",
+                         f"{b['latent_units'][layers[0]]}", f"{rate:.1f}", f"{100 * rate / b['rate_nats']:.0f}%",
+                         f"{sum(b['active_units'][i] for i in layers)} of {sum(b['latent_units'][i] for i in layers)}",
+                         f"{max(largest[i] for i in layers):.1f}", f"{ratio:.1f}",
+                         "yes" if ratio <= LATENT_SCALE_RATIO else "no"])
+    if len(runs) == 1:  # one run: its name goes in the sentence below, not on every row
+        rows = [row[1:] for row in rows]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
     counts = " and ".join(f"{n:,}" for n in sorted(images))
+    which = f"`{runs[0][0]}`" if len(runs) == 1 else "each run"
     return "\n".join(lines + [
-        "", f"Rates over the {counts} test images of the runs, one draw of z each, bottom map first. Sane latent "
+        "", f"Rates of {which} over the {counts} test images, one draw of z each, bottom map first. Sane latent "
             f"scales, as this chapter asks of them: in every layer the largest one-sample rate within "
             f"{LATENT_SCALE_RATIO} times the median, or within {LATENT_SCALE_RATIO} nats where the median is below "
             f"{UNUSED_LAYER_NATS:g} nat (an unused layer, which carries almost nothing)."])
@@ -362,12 +372,22 @@ def render_cost_ch6():
                   for part, rate, flops in (("train", "images_per_s", "flops_per_image"),
                                             ("eval", "pairs_per_s", "flops_per_pair"))}
            for name in ("model05", "model06")}
-    return (f"Per training image model06 takes {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} "
-            f"times model05's time for {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} times "
-            f"its FLOPs, per evaluation pair {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its "
-            f"time (`bench.py`, the optimized path, one process); the cores' utilization: training "
-            f"{use['model06']['train']:.0%} (model05: {use['model05']['train']:.0%}), evaluation "
-            f"{use['model06']['eval']:.0%} ({use['model05']['eval']:.0%}).")
+    text = (f"What the extra layers cost: {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} "
+            f"times model05's FLOPs per training image, but {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} "
+            f"times its time, and {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time per "
+            f"evaluation pair (`bench.py`, both in one process). Many narrow convolutions keep the cores busier with "
+            f"memory than with arithmetic: training runs at {use['model06']['train']:.0%} of the FLOP rate of a "
+            f"matmul on the same cores, model05's at {use['model05']['train']:.0%}.")
+    runs = {name: load(name) for name in ("model05_mixture", "model06_mixture")}
+    if all(runs.values()):
+        hours = {name: r["train_seconds"] / 3600 for name, r in runs.items()}
+        rate = {name: r["steps"] * r["batch_size"] / r["train_seconds"] for name, r in runs.items()}  # images/s
+        text += (f" The runs' own training times (provenance: {hours['model06_mixture']:.1f} h against "
+                 f"{hours['model05_mixture']:.1f} h) do not measure this. They ran on different days, model05's at "
+                 f"{rate['model05_mixture'] / old['train']['images_per_s']:.1f} times the rate `bench.py` measured "
+                 f"for it, model06's at {rate['model06_mixture'] / new['train']['images_per_s']:.1f} times its own, "
+                 f"its sittings sharing the cores with the test suite.")
+    return text
 
 
 TRAIN_IMAGES = {"model01": 60000}  # MNIST; the colour chapters train on CIFAR-10's 50000
