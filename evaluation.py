@@ -146,9 +146,10 @@ def temperature_rows(model, eval_pmf, temperatures=TEMPERATURES, columns=8):
     column is one sample cooled (VDVAE's notebook draws afresh at each t)."""
     model.eval()
     seed = int(torch.randint(2 ** 31, ()))  # one draw of the caller's generator: the grid still follows the run's seed
+    device = next(model.parameters()).device
     rows = []
-    for t in temperatures:
-        with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state comes back
+        for t in temperatures:
             torch.manual_seed(seed)
             px_z = model.generate(columns, eval_pmf, temperature=t)
             means, _ = observation_mean(px_z)

@@ -223,12 +223,16 @@ def test_every_temperature_row_draws_the_same_noise_and_the_grid_follows_the_cal
     torch.manual_seed(0)
     model = model06.VAE(model06.LogisticObservation(), layers=(1, 1, 1, 1))
     torch.manual_seed(3)
-    rows = evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0, 1.0), columns=3)
-    assert torch.equal(rows[0], rows[1])  # one column is one sample, at every temperature
+    rows = evaluation.temperature_rows(model, eval_pmf=True, temperatures=(0.8, 0.8, 1.0), columns=3)
+    after = torch.get_rng_state()
+    assert torch.equal(rows[0], rows[1])  # one column is one sample, cooled or not
     torch.manual_seed(3)
-    assert torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[0])
+    torch.randint(2 ** 31, ())
+    assert torch.equal(torch.get_rng_state(), after)  # the caller's generator moved by the one draw of the seed
+    torch.manual_seed(3)
+    assert torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[2])
     torch.manual_seed(4)
-    assert not torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[0])
+    assert not torch.equal(evaluation.temperature_rows(model, eval_pmf=True, temperatures=(1.0,), columns=3)[0], rows[2])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -93,37 +93,37 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
                     "| 4x4 | 2 (1 unused) | 128 | 40.0 | 8% | 128 of 256 | 60.0 | 2.0 | yes |",  # 0.7/1
                     "| 1x1 | 1 (1 unused) | 8 | 10.0 | 2% | 3 of 8 | 30.0 | 30.0 | no |"]  # 30/1
     assert "Rates of `model06_mixture` over the 10,000 test images" in rendering.render_latents_ch6()
-    (tmp_path / "assets" / "model06_logistic_unbounded_results.json").write_text(json.dumps({"test_balance": balance}))
-    rows = rendering.render_latents_ch6().splitlines()
-    label = rendering.label("model06_mixture")  # two runs: a column names each row's run
+    logistic = dict(balance, rate_per_layer_nats=[200.0, 100.0, 50.0, 40.0, 0.0, 10.0], rate_nats=400.0)
+    (tmp_path / "assets" / "model06_logistic_unbounded_results.json").write_text(json.dumps({"test_balance": logistic}))
+    text = rendering.render_latents_ch6()
+    rows = text.splitlines()  # two runs: a column names each row's run, the logistic's first (CH6_RUNS)
     assert rows[0].startswith("| run | latent maps |") and rows[1] == "|" + "---|" * 10
-    assert rows[6] == f"| {label} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |"
+    assert rows[2] == (f"| {rendering.label('model06_logistic_unbounded')} | 16x16 | 1 | 2048 | 200.0 | 50% | "
+                       f"1000 of 2048 | 600.0 | 2.1 | yes |")
+    assert rows[6] == f"| {rendering.label('model06_mixture')} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |"
+    assert "Rates of each run over the 10,000 test images" in text
     grouped = "16x16: 300.0 + 8x8: 150.0 + 4x4: 40.0 + 1x1: 10.0"
     assert rendering.per_layer("model06_mixture", balance, "rate_per_layer_nats", ".1f") == grouped
     assert rendering.per_layer("model05_mixture", balance, "active_units", "d") == "1000 + 200 + 100 + 128 + 0 + 3"
 
 
-def test_chapter_6_cost_is_bench_pys_ratio_to_model05(tmp_path, monkeypatch):
-    import json
+def test_the_hierarchies_draws_are_called_the_closest_only_when_every_one_is_closer_than_every_other_colour_run():
+    ratio = {"model01": 1.1, "model03_unbounded": 2.1, "model05_mixture": 1.9, "model06_mixture": 1.5}
+    assert rendering.hierarchies_closest(ratio) == "the closest"  # MNIST's model01 is not a colour run
+    assert rendering.hierarchies_closest(dict(ratio, model04=1.8)) == "among the closest"
+    assert rendering.hierarchies_closest({"model03": 2.0}) == "among the closest"  # no hierarchy: no claim
+
+
+def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
     def row(chapter, images_per_s, flops_per_image, pairs_per_s):
         return {"chapter": chapter, "path": "optimized",
                 "train": {"images_per_s": images_per_s, "flops_per_image": flops_per_image, "matmul_flops": 1e11},
                 "eval": {"pairs_per_s": pairs_per_s, "flops_per_pair": 1e8, "matmul_flops": 1e11}}
     bench = {"rows": [row("model05", 300.0, 3e8, 1000.0), row("model06", 200.0, 3.3e8, 500.0)]}
     monkeypatch.setattr(rendering, "load_bench", lambda: bench)
-    monkeypatch.setattr(rendering, "ROOT", str(tmp_path))  # no results files: bench's ratios only
     assert rendering.render_cost_ch6() == (
         "What the extra layers cost: 1.1 times model05's FLOPs per training image, but 1.5 times its time, and 2.0 "
-        "times its time per evaluation pair (`bench.py`, both in one process). Many narrow convolutions keep the cores "
-        "busier with memory than with arithmetic: training runs at 66% of the FLOP rate of a matmul on the same cores, "
-        "model05's at 90%.")
-    (tmp_path / "assets").mkdir()
-    for name, seconds in (("model05_mixture", 3600.0), ("model06_mixture", 4 * 3600.0)):
-        (tmp_path / "assets" / f"{name}_results.json").write_text(json.dumps(
-            {"train_seconds": seconds, "steps": 36000, "batch_size": 50}))  # 500 and 125 images/s
-    assert rendering.render_cost_ch6().endswith(
-        "The runs' own training times (provenance: 4.0 h against 1.0 h) do not measure this. They ran on different "
-        "days, model05's at 1.7 times the rate `bench.py` measured for it, model06's at 0.6 times its own, its sittings "
-        "sharing the cores with the test suite.")
+        "times its time per evaluation pair (`bench.py`, both in one process): training runs at 66% of the FLOP rate "
+        "of a matmul on the same cores, model05's at 90%.")
     monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
     assert "not measured yet" in rendering.render_cost_ch6()
