@@ -15,10 +15,11 @@ cells. Here:
     its training step on CPU, time spent here on the hierarchy instead.
 The sizes are chosen for 2 CPU cores: one width of 64 channels with a bottleneck of 32 (VDVAE's is a quarter of the
 width), 0.88M weights (model05: 1.07M) and about as many FLOPs per image as model05, but more time per training
-image (README, chapter 6: bench.py's ratio): many narrow convolutions keep a CPU busier with memory than with
-arithmetic. The observation model is model05's: model03's logistic (`--obs logistic`, its variance bound,
-`--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`), imported from those chapters'
-scripts.
+image (README, chapter 6: bench.py's ratio): a profile of the compiled training step on CPU spends most of it in the
+backward passes of narrow convolutions on small maps and in the fused elementwise kernels of 14 layers (activations,
+soft clamps, KL terms), which read and write more than they compute. The observation model is model05's: model03's
+logistic (`--obs logistic`, its variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default;
+`--components`), imported from those chapters' scripts.
 
 Latent scales that stay sane. A rare draw rules model05's mixture run: its results give the bottom layer a mean rate
 of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is the prior's plus a shift, each
