@@ -459,7 +459,7 @@ def render_checks():
 def render_roughness():
     """How speckled the data and each model's images are: mean absolute step between neighbouring pixels, in 8-bit
     levels, ± its standard error over images (each run's image_stats, or its assets/image_stats/ file)."""
-    keys = ["data", "reconstruction_means", "sample_means", "draws"]
+    keys, ratios = ["data", "reconstruction_means", "sample_means", "draws"], {}
     lines = ["| run | data (test images) | reconstructions' means | samples' means (z ~ p(z)) | draws from p(x\\|z) | "
              "draws / data | images |", "|---|---|---|---|---|---|---|"]
     for name, r in shipped():
@@ -469,7 +469,26 @@ def render_roughness():
         cells = [f"{t['roughness_levels'][k]:.1f} ± {t['roughness_stderr'][k]:.1f}" for k in keys]
         ratio = t["roughness_levels"]["draws"] / t["roughness_levels"]["data"]
         lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {ratio:.2f} | {t['images']} |")
-    return "\n".join(lines)
+        ratios[name] = ratio
+    return "\n".join(lines) + "\n\n" + roughness_groups(ratios)
+
+
+def roughness_groups(ratio):
+    """One sentence: the range of draws / data over the bounded runs (the beta-VAE with them), the free one-layer
+    colour runs and the hierarchies (model05, model06), and whether the hierarchies' draws are the closest."""
+    groups = {"bounded variance or the beta-VAE": [], "free, one latent layer": [], "the hierarchies": []}
+    for name, v in ratio.items():
+        if name.startswith("model01"):
+            continue
+        bounded = RUNS[name][2].startswith(("bounded", "fixed"))
+        group = ("bounded variance or the beta-VAE" if bounded else
+                 "the hierarchies" if name.startswith(("model05", "model06")) else "free, one latent layer")
+        groups[group].append(v)
+    parts = [f"{group}, {min(v):.2f} to {max(v):.2f}" if len(v) > 1 else f"{group}, {v[0]:.2f}"
+             for group, v in groups.items() if v]
+    closest = (f"; the hierarchies' draws are {hierarchies_closest(ratio)} to the data"
+               if groups["the hierarchies"] else "")
+    return "Draws / data: " + "; ".join(parts) + closest + "."
 
 
 def render_image_stats_runs():

@@ -127,3 +127,13 @@ def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
         "of a matmul on the same cores, model05's at 90%.")
     monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
     assert "not measured yet" in rendering.render_cost_ch6()
+
+
+def test_the_roughness_sentence_gives_each_groups_range_of_draws_over_data():
+    ratio = {"model01": 1.1, "model02": 7.0, "model02_beta0.3679": 7.5, "model03_unbounded": 2.1, "model04": 2.6,
+             "model05_mixture": 1.9, "model06_mixture": 1.5}
+    assert rendering.roughness_groups(ratio) == (
+        "Draws / data: bounded variance or the beta-VAE, 7.00 to 7.50; free, one latent layer, 2.10 to 2.60; "
+        "the hierarchies, 1.50 to 1.90; the hierarchies' draws are the closest to the data.")
+    assert rendering.roughness_groups({"model03": 6.9, "model03_unbounded": 2.1}) == (
+        "Draws / data: bounded variance or the beta-VAE, 6.90; free, one latent layer, 2.10.")
