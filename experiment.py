@@ -199,17 +199,20 @@ class Run:
     channels_last: bool
     hardware: str
     settings: dict  # resolved: amp, tf32, compile, channels_last, world size, evaluation dtype
+    model_flags: dict  # the older_checkpoints flags, as the model was built (the results record them)
 
 
 def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, adam_eps=1e-8, extra_grids=None,
-                   objective=None):
+                   objective=None, older_checkpoints=None):
     """Seed, build the model, train (or resume, or only load), evaluate log p(x) on the test set, write grids
     (and `extra_grids(model, out_dir, name, eval_pmf)`, if given) and results. eval_pmf: score the probability of
     the 8-bit values and report bits/dim (the colour chapters). `objective`: (a function of the model that returns
     its training loss of a batch, a line that names it for the results); default minus the IWAE bound with --k
-    samples. Returns the results dict, or None when --time-limit stopped training before its end (and on every
+    samples. `older_checkpoints`: flags that change the model but neither its weights' shapes nor the run's name,
+    each with the value that checkpoints written before the flag existed were built with; --eval-only takes them
+    from the checkpoint, --resume refuses other values. Returns the results dict, or None when --time-limit stopped training before its end (and on every
     rank but 0 of a torchrun run, which writes nothing)."""
-    run = open_run(args, argv, name, script, build_model, data, adam_eps)
+    run = open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints or {})
     make_loss, objective_name = objective or (lambda m: training_loss(m, args.k), f"IWAE bound, k = {args.k}")
     if not args.eval_only and not train_run(run, args, data, make_loss(run.model), eval_pmf, argv):
         return None
@@ -237,7 +240,7 @@ def _make_out_dir(path):
                         f"you can write to.") from None
 
 
-def open_run(args, argv, name, script, build_model, data, adam_eps):
+def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints):
     """Device settings, seed, model and Adam; then the checkpoint to resume or evaluate, or a fresh state (refused
     where an earlier run's checkpoint would be replaced without --overwrite)."""
     if args.threads:
@@ -249,6 +252,13 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     _make_out_dir(args.out_dir)
     args.eval_max_rows = evaluation_rows(args, device)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
+    blob = None
+    if args.eval_only or args.resume:
+        blob = load_checkpoint(ckpt_path, device)
+        blob["config"] = {**older_checkpoints, **blob["config"]}
+        if args.eval_only:  # evaluate the model the checkpoint holds
+            for key in older_checkpoints:
+                setattr(args, key, blob["config"][key])
     config = {"model": name, "dataset": data.name, **vars(args), "world_size": world_size()}
     if args.batch_size < world_size():
         raise UserError(f"--batch-size {args.batch_size} is split across {world_size()} processes: pass at least "
@@ -256,8 +266,7 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
     model = configure_device(build_model().to(device), device, amp, channels_last)
     optimizer = make_optimizer(model, args.lr, adam_eps)
     state, train_config = TrainState(), config
-    if args.eval_only or args.resume:
-        blob = load_checkpoint(ckpt_path, device)
+    if blob is not None:
         _check_checkpoint_fits(blob, name, script, ckpt_path, config, args.resume)
         restore(blob, model, None if args.eval_only else optimizer, rng=args.resume)
         state, train_config = blob["state"], blob["config"]
@@ -270,7 +279,8 @@ def open_run(args, argv, name, script, build_model, data, adam_eps):
                 "eval_max_rows": args.eval_max_rows}
     hardware = hardware_name(device) + (f", {world_size()} processes" if world_size() > 1 else "")
     return Run(name, script, f"{launcher()} " + " ".join([script, *argv]), model, optimizer, state, config,
-               train_config, ckpt_path, device, channels_last, hardware, settings)
+               train_config, ckpt_path, device, channels_last, hardware, settings,
+               {key: config[key] for key in older_checkpoints})
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the reference runs the README reads
@@ -390,6 +400,7 @@ def _results(run, args, data, llh_nats, llh_stderr, eval_seconds, eval_images):
                        for row in state.test_curve],
         "device": str(run.device), "hardware": run.hardware, "torch_version": torch.__version__,
         "command": run.command, "eval_only": args.eval_only, "settings": run.settings, "finished": now(),
+        **run.model_flags,
     }
     if state.stopped_by_guard is not None:
         results["stopped_by_guard"] = state.stopped_by_guard

@@ -12,6 +12,9 @@ after the last layer, which carries every z (as in VDVAE and NVAE), so p(x|z) is
 The observation model is model03's logistic (`--obs logistic`, its variance bound, `--unbounded`) or
 model04's mixture (`--obs mixture`, the default), imported from those chapters' scripts: only the latents change.
 The hierarchy's interface (the top-down pass, the log-weight parts per layer) is common.HierarchicalVAE.
+The latents' scales are soft-clamped (`--latent-bounds`): `shift`, the default and the shipped runs', bounds the
+prior's log-std and the posterior's shift of it to +-5 each, so the posterior's can reach 10 and, rarely, rule a
+run's rate; `joint` bounds them as chapter 6 does (`joint_latents`).
 
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
@@ -43,7 +46,11 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
-LATENT_LOG_SIGMA_BOUND = 5.0  # log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
+LATENT_BOUNDS = "shift"  # how p(z_i|z_>i) and q(z_i|z_>i, x) are bounded (--latent-bounds; `latents` below)
+LATENT_LOG_SIGMA_BOUND = 5.0  # shift: log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
+JOINT_LOG_SIGMA_BOUND = 2.0  # joint (chapter 6's): B, log-std of p and of q = 2 tanh(raw / 2)
+JOINT_MEAN_BOUND = 5.0  # joint: M, their means = 5 tanh(raw / 5), as NVAE's soft_clamp5 (shift: none)
+OLDER_CHECKPOINTS = {"latent_bounds": "shift"}  # what checkpoints written before --latent-bounds existed used
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapters 2-4
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
@@ -58,9 +65,38 @@ def head(channels_in, hidden, channels_out):
                          nn.SiLU(), nn.Conv2d(hidden, channels_out, 1))
 
 
-def soft_clamp(raw, bound=LATENT_LOG_SIGMA_BOUND):
+def soft_clamp(raw, bound):
     """bound * tanh(raw / bound): the identity near 0, never past +-bound (NVAE's soft_clamp5, Vahdat & Kautz 2020)."""
     return bound * torch.tanh(raw / bound)
+
+
+def shift_latents(prior_out, posterior_out=None):
+    """p(z_i|z_>i) and q(z_i|z_>i, x) (None without posterior_out) from the heads' outputs (N, 2Z, H, W), over the
+    flattened maps: means free, the prior's log-std soft-clamped to +-5 and the posterior's shift of it to +-5 on
+    its own, so the posterior's log-std can reach +-10 (the shipped runs of this chapter)."""
+    mu_p, raw_p = (t.flatten(1) for t in prior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+    log_sigma_p = soft_clamp(raw_p, LATENT_LOG_SIGMA_BOUND)
+    pz = common.diagonal_gaussian(mu_p, log_sigma_p)
+    if posterior_out is None:
+        return pz, None
+    dmu, raw_q = (t.flatten(1) for t in posterior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+    return pz, common.diagonal_gaussian(mu_p + dmu, log_sigma_p + soft_clamp(raw_q, LATENT_LOG_SIGMA_BOUND))
+
+
+def joint_latents(prior_out, posterior_out=None):
+    """As shift_latents, bounded as chapter 6 bounds them: means soft-clamped to +-M, log-stds to +-B, the
+    posterior's shift added to the prior's raw outputs before the one clamp (NVAE), so that its log-std stays in
+    +-B too. Whatever the heads output, KL(q||p) <= 2B + (e^4B + 4M^2 e^2B - 1)/2 per latent unit."""
+    raw_mu_p, raw_p = (t.flatten(1) for t in prior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+    pz = common.diagonal_gaussian(soft_clamp(raw_mu_p, JOINT_MEAN_BOUND), soft_clamp(raw_p, JOINT_LOG_SIGMA_BOUND))
+    if posterior_out is None:
+        return pz, None
+    dmu, draw_q = (t.flatten(1) for t in posterior_out.chunk(2, dim=1))  # (N, Z*H*W) each
+    return pz, common.diagonal_gaussian(soft_clamp(raw_mu_p + dmu, JOINT_MEAN_BOUND),
+                                        soft_clamp(raw_p + draw_q, JOINT_LOG_SIGMA_BOUND))
+
+
+LATENTS = {"shift": shift_latents, "joint": joint_latents}
 
 
 class Encoder(nn.Module):
@@ -88,9 +124,9 @@ class TopDownBlock(nn.Module):
     residual branch follows, and the last block at 4x4 upsamples h to 8x8 (`up`). z_i is flattened:
     (N, latent_channels * H * W)."""
 
-    def __init__(self, width, feature_channels, latent_channels, up=None):
+    def __init__(self, width, feature_channels, latent_channels, up=None, bounds=LATENT_BOUNDS):
         super().__init__()
-        self.latent_channels = latent_channels
+        self.latent_channels, self.bounds = latent_channels, bounds
         self.prior_head = head(width, width // 2, 2 * latent_channels)
         self.posterior_head = head(width + feature_channels, width // 2, 2 * latent_channels)
         self.z_proj = nn.Conv2d(latent_channels, width, 1)
@@ -106,14 +142,7 @@ class TopDownBlock(nn.Module):
         return self.posterior_head(torch.cat([h, feature], dim=1))  # (N, 2Z, H, W)
 
     def latent(self, prior_out, posterior_out=None):
-        """p(z_i|z_>i) and q(z_i|z_>i, x) (None without posterior_out), over the flattened maps."""
-        mu_p, raw_p = (t.flatten(1) for t in prior_out.chunk(2, dim=1))  # (N, Z*H*W) each
-        log_sigma_p = soft_clamp(raw_p)
-        pz = common.diagonal_gaussian(mu_p, log_sigma_p)
-        if posterior_out is None:
-            return pz, None
-        dmu, raw_q = (t.flatten(1) for t in posterior_out.chunk(2, dim=1))  # (N, Z*H*W) each
-        return pz, common.diagonal_gaussian(mu_p + dmu, log_sigma_p + soft_clamp(raw_q))
+        return LATENTS[self.bounds](prior_out, posterior_out)
 
     def update(self, h, z):
         h = h + self.z_proj(z.reshape(len(z), self.latent_channels, *h.shape[-2:]))
@@ -141,7 +170,8 @@ class VAE(common.HierarchicalVAE):
     """L stochastic layers of `latent_channels` maps, the top half (rounded up) at 4x4 and the rest at 8x8,
     then model04's decoder from 8x8 and p(x|z) = observation(decoder(h))."""
 
-    def __init__(self, observation, channels=3, layers=LAYERS, width=CHANNELS, latent_channels=LATENT_CHANNELS):
+    def __init__(self, observation, channels=3, layers=LAYERS, width=CHANNELS, latent_channels=LATENT_CHANNELS,
+                 bounds=LATENT_BOUNDS):
         super().__init__()
         resolutions = [4] * (layers - layers // 2) + [8] * (layers // 2)  # per block, top first
         self.encoder = Encoder(channels, width, resolutions)
@@ -150,7 +180,7 @@ class VAE(common.HierarchicalVAE):
             state = 4 * width if r == 4 else 2 * width  # channels of h, and of the bottom-up features, at r
             last_at_4x4 = r == 4 and resolutions[i + 1:i + 2] != [4]
             up = nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1) if last_at_4x4 else None
-            blocks.append(TopDownBlock(state, state, latent_channels, up))
+            blocks.append(TopDownBlock(state, state, latent_channels, up, bounds))
         self.blocks = nn.ModuleList(blocks)
         self.h_top = nn.Parameter(torch.zeros(1, 4 * width, 4, 4))  # the state above z_L (VDVAE starts from zeros)
         self.decoder = Decoder(observation.num_params(channels), width)
@@ -175,13 +205,17 @@ def parser():
                    help="--obs logistic only: no bound on the variance, the log-scale is the decoder's raw output")
     p.add_argument("--components", type=experiment.positive_int, default=NUM_COMPONENTS,
                    help="--obs mixture only: mixture components per pixel")
+    p.add_argument("--latent-bounds", choices=sorted(LATENTS), default=LATENT_BOUNDS,
+                   help="shift: the prior's log-std and the posterior's shift of it each within +-5, means free (the "
+                        "shipped runs); joint: chapter 6's, means within +-5 and both log-stds within +-2, the "
+                        "posterior's bounded as a whole. --eval-only takes it from the checkpoint")
     return p
 
 
 def build_model(args):
     observation = (MixtureObservation(args.components) if args.obs == "mixture"
                    else LogisticObservation(bounded=not args.unbounded))
-    return VAE(observation, layers=args.layers)
+    return VAE(observation, layers=args.layers, bounds=args.latent_bounds)
 
 
 def run(argv):
@@ -197,7 +231,7 @@ def run(argv):
     name = f"model05_{args.obs}" + ("_unbounded" if args.unbounded else "")
     return experiment.run_experiment(args, argv, script="model05.py", name=name, data=images, eval_pmf=EVAL_PMF,
                                             build_model=lambda: build_model(args),
-                                            extra_grids=evaluation.save_layer_grid)
+                                            extra_grids=evaluation.save_layer_grid, older_checkpoints=OLDER_CHECKPOINTS)
 
 
 def main(argv=None):

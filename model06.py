@@ -30,7 +30,8 @@ soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
     not grow with depth (VDVAE);
   - means and log-stds are soft-clamped, the posterior's as a whole (NVAE: the prior's raw outputs plus the
     posterior's shift, then one clamp): means to +-M = +-5 as NVAE's, log-stds to a tighter +-B = +-2. Whatever the
-    heads output, KL(q||p) <= 2B + (e^4B + 4M^2 e^2B - 1)/2 = 4,224 nats per latent unit;
+    heads output, KL(q||p) <= 2B + (e^4B + 4M^2 e^2B - 1)/2 = 4,224 nats per latent unit (model05.joint_latents:
+    model05 --latent-bounds joint applies the same bounds to chapter 5's hierarchy);
   - a step whose gradient norm is 10x the median of the last 100 is skipped, as model04's and model05's are
     (VDVAE skips above a fixed norm).
 
@@ -58,6 +59,7 @@ import evaluation
 import experiment
 from model03 import LogisticObservation  # chapter 3's p(x|z): a discretized logistic per sub-pixel
 from model04 import NUM_COMPONENTS, MixtureObservation  # chapter 4's: a mixture with RGB autoregression
+from model05 import joint_latents  # the latent bounds above, model05's --latent-bounds joint
 
 # config: the argparse defaults below (python model06.py --help)
 RESOLUTIONS = (1, 4, 8, 16)  # of the latent maps, top first; the decoder reads the state at the last one
@@ -71,8 +73,6 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
-LATENT_LOG_SIGMA_BOUND = 2.0  # B: log-std of p(z_i|z_>i) and of q(z_i|z_>i, x) = 2 tanh(raw / 2) (model05: 5, 10 for q)
-LATENT_MEAN_BOUND = 5.0  # M: their means = 5 tanh(raw / 5), as NVAE's soft_clamp5 (model05: none)
 EVAL_SAMPLES = 100  # importance samples S for the test log-likelihood, as chapters 2-5
 EVAL_MAX_ROWS = 100  # (sample, image) pairs per decoder pass in evaluation: sized for the cache (bench.py)
 EVAL_PMF = True  # score the probability of the 8-bit values, in bits/dim
@@ -88,11 +88,6 @@ def head(channels_in, hidden, channels_out, kernel=3):
                          nn.SiLU(), nn.Conv2d(hidden, hidden, kernel, 1, kernel // 2),
                          nn.SiLU(), nn.Conv2d(hidden, hidden, kernel, 1, kernel // 2),
                          nn.SiLU(), nn.Conv2d(hidden, channels_out, 1))
-
-
-def soft_clamp(raw, bound):
-    """bound * tanh(raw / bound): the identity near 0, never past +-bound (NVAE's soft_clamp5, Vahdat & Kautz 2020)."""
-    return bound * torch.tanh(raw / bound)
 
 
 class ResidualCell(nn.Module):
@@ -172,16 +167,7 @@ class TopDownBlock(nn.Module):
         return self.posterior_head(torch.cat([h, feature], dim=1))  # (N, 2Z, H, W)
 
     def latent(self, prior_out, posterior_out=None):
-        """p(z_i|z_>i) and q(z_i|z_>i, x) (None without posterior_out), over the flattened maps. The posterior's
-        shift is added to the prior's raw outputs before the one clamp (NVAE), so its log-std stays in +-B."""
-        raw_mu_p, raw_p = (t.flatten(1) for t in prior_out.chunk(2, dim=1))  # (N, Z*H*W) each
-        pz = common.diagonal_gaussian(soft_clamp(raw_mu_p, LATENT_MEAN_BOUND),
-                                      soft_clamp(raw_p, LATENT_LOG_SIGMA_BOUND))
-        if posterior_out is None:
-            return pz, None
-        dmu, draw_q = (t.flatten(1) for t in posterior_out.chunk(2, dim=1))  # (N, Z*H*W) each
-        return pz, common.diagonal_gaussian(soft_clamp(raw_mu_p + dmu, LATENT_MEAN_BOUND),
-                                            soft_clamp(raw_p + draw_q, LATENT_LOG_SIGMA_BOUND))
+        return joint_latents(prior_out, posterior_out)
 
     def update(self, h, z):
         h = h + self.z_proj(z.reshape(len(z), self.latent_channels, *h.shape[-2:]))

@@ -561,7 +561,8 @@ def model_from_checkpoint(name, path):
     blob = load_checkpoint(path, torch.device("cpu"))
     module = importlib.import_module(name.split("_")[0])
     args = module.parser().parse_args([])
-    vars(args).update({k: v for k, v in blob["config"].items() if hasattr(args, k)})
+    config = {**getattr(module, "OLDER_CHECKPOINTS", {}), **blob["config"]}  # flags the checkpoint may predate
+    vars(args).update({k: v for k, v in config.items() if hasattr(args, k)})
     model = module.build_model(args) if name != "model01" else module.build_model(args, None)
     restore(blob, model, rng=False)
     return model.eval()

@@ -14,7 +14,7 @@ import model05
 import model06
 
 GRIDS = ["imgs", "recs", "samples", "samples_var", "layers", "temperatures"]
-B, M = model06.LATENT_LOG_SIGMA_BOUND, model06.LATENT_MEAN_BOUND
+B, M = model05.JOINT_LOG_SIGMA_BOUND, model05.JOINT_MEAN_BOUND
 # the largest KL(q||p) per unit that |log sigma| <= B and |mu| <= M allow, for q and p alike:
 # log(sigma_p / sigma_q) + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2 <= 2B + (e^4B + 4M^2 e^2B - 1) / 2
 KL_MAX_PER_UNIT = 2 * B + (math.exp(4 * B) + 4 * M ** 2 * math.exp(2 * B) - 1) / 2
