@@ -456,6 +456,22 @@ def render_checks():
     return "\n".join(lines)
 
 
+def render_rare_draws():
+    """Each shipped run whose mean one-sample rate a rare draw of z rules, beside its --eval-only re-evaluation."""
+    lines = []
+    for name, r in shipped():
+        c = load(name, CHECKS, "_eval_only.json")
+        if "test_balance" not in r or not rare_draw(r["test_balance"]) or c is None:
+            continue
+        rate, again = r["test_balance"]["rate_per_layer_nats"], c["test_balance"]["rate_per_layer_nats"]
+        lines.append(f"The shipped `{name}` draws, now and then, a z from q(z|x) where the bottom layer's prior is far "
+                     f"off: its results file's mean rate of that layer is {rate[0] / 1e6:.1f} million nats, ruled by "
+                     f"one draw, while its re-evaluation's is {again[0]:.0f}; their S = {c['eval_samples']} estimates "
+                     f"differ by {abs(c['test_bpd'] - r['test_bpd']) / r['test_bpd_stderr']:.2f} standard errors "
+                     f"(such a draw carries no weight among {c['eval_samples']} samples).")
+    return "\n\n".join(lines) or "No shipped run's rate is ruled by a rare draw."
+
+
 def render_roughness():
     """How speckled the data and each model's images are: mean absolute step between neighbouring pixels, in 8-bit
     levels, ± its standard error over images (each run's image_stats, or its assets/image_stats/ file)."""
@@ -523,7 +539,7 @@ TABLES = {
     "numbers_beta": lambda: render_numbers(["model02_beta0.3679"]),
     "balance": render_balance, "roughness": render_roughness, "provenance": render_provenance,
     "image_stats_runs": render_image_stats_runs,
-    "s_sweep": render_s_sweep, "checks": render_checks, "speed": render_speed, "defaults": render_defaults,
+    "s_sweep": render_s_sweep, "checks": render_checks, "rare_draws": render_rare_draws, "speed": render_speed, "defaults": render_defaults,
 }
 
 

@@ -137,3 +137,17 @@ def test_the_roughness_sentence_gives_each_groups_range_of_draws_over_data():
         "the hierarchies, 1.50 to 1.90; the hierarchies' draws are the closest to the data.")
     assert rendering.roughness_groups({"model03": 6.9, "model03_unbounded": 2.1}) == (
         "Draws / data: bounded variance or the beta-VAE, 6.90; free, one latent layer, 2.10.")
+
+
+def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatch):
+    balance = {"rate_nats": 2e7, "rate_per_layer_nats": [2e7, 100.0], "elbo_nats": -1.0, "distortion_nats": 1.0,
+               "mean_log_scale": 0.0}
+    run = {"model": "model05_mixture", "test_bpd": 4.70, "test_bpd_stderr": 0.01, "test_balance": balance}
+    check = {"test_bpd": 4.71, "eval_samples": 100,
+             "test_balance": dict(balance, rate_nats=337.4, rate_per_layer_nats=[237.4, 100.0])}
+    monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", run)])
+    monkeypatch.setattr(rendering, "load", lambda name, folder="assets", suffix="": check)
+    text = rendering.render_rare_draws()
+    assert "20.0 million nats" in text and "re-evaluation's is 237;" in text and "differ by 1.00 standard" in text
+    monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=check["test_balance"]))])
+    assert rendering.render_rare_draws() == "No shipped run's rate is ruled by a rare draw."
