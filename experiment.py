@@ -209,9 +209,9 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, ada
     the 8-bit values and report bits/dim (the colour chapters). `objective`: (a function of the model that returns
     its training loss of a batch, a line that names it for the results); default minus the IWAE bound with --k
     samples. `older_checkpoints`: flags that change the model but neither its weights' shapes nor the run's name,
-    each with the value that checkpoints written before the flag existed were built with; --eval-only takes them
-    from the checkpoint, --resume refuses other values. Returns the results dict, or None when --time-limit stopped training before its end (and on every
-    rank but 0 of a torchrun run, which writes nothing)."""
+    each with the value that checkpoints written before the flag existed were built with (open_run). Returns the
+    results dict, or None when --time-limit stopped training before its end (and on every rank but 0 of a torchrun
+    run, which writes nothing)."""
     run = open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints or {})
     make_loss, objective_name = objective or (lambda m: training_loss(m, args.k), f"IWAE bound, k = {args.k}")
     if not args.eval_only and not train_run(run, args, data, make_loss(run.model), eval_pmf, argv):
@@ -241,8 +241,10 @@ def _make_out_dir(path):
 
 
 def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints):
-    """Device settings, seed, model and Adam; then the checkpoint to resume or evaluate, or a fresh state (refused
-    where an earlier run's checkpoint would be replaced without --overwrite)."""
+    """Device settings, seed, the checkpoint to resume or evaluate, model and Adam, and the checkpoint's state or a
+    fresh one (refused where an earlier run's checkpoint would be replaced without --overwrite). With --resume or
+    --eval-only, each flag of `older_checkpoints` that the command line leaves out takes the checkpoint's value (a
+    checkpoint older than the flag: the value given), and one it names otherwise is refused."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = start_processes(get_device(args.device))
@@ -255,10 +257,9 @@ def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkp
     blob = None
     if args.eval_only or args.resume:
         blob = load_checkpoint(ckpt_path, device)
+        _check_model_name(blob, name, ckpt_path)
         blob["config"] = {**older_checkpoints, **blob["config"]}
-        if args.eval_only:  # evaluate the model the checkpoint holds
-            for key in older_checkpoints:
-                setattr(args, key, blob["config"][key])
+        _take_checkpoint_flags(args, argv, blob["config"], older_checkpoints, ckpt_path)
     config = {"model": name, "dataset": data.name, **vars(args), "world_size": world_size()}
     if args.batch_size < world_size():
         raise UserError(f"--batch-size {args.batch_size} is split across {world_size()} processes: pass at least "
@@ -303,9 +304,25 @@ def _refuse_to_replace(ckpt_path, device, data):
               f"--resume instead would evaluate it again).", file=sys.stderr)
 
 
-def _check_checkpoint_fits(blob, name, script, ckpt_path, config, resume):
+def _check_model_name(blob, name, ckpt_path):
     if blob["config"].get("model") != name:
         raise UserError(f"{ckpt_path} was written by {blob['config'].get('model')}, not {name}.")
+
+
+def _take_checkpoint_flags(args, argv, checkpoint_config, keys, ckpt_path):
+    """The checkpoint's value of each flag in `keys`: taken where the command line leaves the flag out, refused
+    where it names another value."""
+    for key in keys:
+        flag, held = "--" + key.replace("_", "-"), checkpoint_config[key]
+        named = any(a == flag or a.startswith(flag + "=") for a in argv)
+        if named and getattr(args, key) != held:
+            raise UserError(f"{ckpt_path} was trained with {flag} {held}, and this command asks for {flag} "
+                            f"{getattr(args, key)}. Drop {flag} (the checkpoint's value is used), or train a new run "
+                            f"without --resume or --eval-only.")
+        setattr(args, key, held)
+
+
+def _check_checkpoint_fits(blob, name, script, ckpt_path, config, resume):
     trained_on = blob["config"].get("world_size", 1)
     if resume and trained_on != config["world_size"]:
         raise UserError(f"{ckpt_path} was trained by {trained_on} process{'es' * (trained_on > 1)}, and this is "

@@ -46,7 +46,7 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
-LATENT_BOUNDS = "shift"  # how p(z_i|z_>i) and q(z_i|z_>i, x) are bounded (--latent-bounds; `latents` below)
+LATENT_BOUNDS = "shift"  # how p(z_i|z_>i) and q(z_i|z_>i, x) are bounded (--latent-bounds; LATENTS below)
 LATENT_LOG_SIGMA_BOUND = 5.0  # shift: log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
 JOINT_LOG_SIGMA_BOUND = 2.0  # joint (chapter 6's): B, log-std of p and of q = 2 tanh(raw / 2)
 JOINT_MEAN_BOUND = 5.0  # joint: M, their means = 5 tanh(raw / 5), as NVAE's soft_clamp5 (shift: none)
@@ -208,7 +208,8 @@ def parser():
     p.add_argument("--latent-bounds", choices=sorted(LATENTS), default=LATENT_BOUNDS,
                    help="shift: the prior's log-std and the posterior's shift of it each within +-5, means free (the "
                         "shipped runs); joint: chapter 6's, means within +-5 and both log-stds within +-2, the "
-                        "posterior's bounded as a whole. --eval-only takes it from the checkpoint")
+                        "posterior's bounded as a whole. --resume and --eval-only take the checkpoint's (shift for a "
+                        "checkpoint older than this flag)")
     return p
 
 

@@ -87,22 +87,24 @@ def test_a_chapter_under_torchrun(tmp_path):
 def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
     """torchrun passes SIGTERM (a scheduler's kill; Ctrl-C too) to its workers: they stop after the same step. The
     signal goes once the bar shows a finished step (a step needs both ranks, so both are in the loop), and the run
-    is long enough (10,000 epochs of 13 steps) that it cannot end, or reach its evaluation, before the signal."""
+    is long enough (10,000 epochs) that it cannot end, or reach its evaluation, before the signal; should they not
+    stop, the test kills torchrun and its workers."""
+    import math
     import re
     import signal
     import time
-    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")
-    log = tmp_path / "log.txt"
+    write_cifar_bin(tmp_path / "data" / "cifar-10-batches-bin")  # 5 files of 20 images: 100
+    log, planned = tmp_path / "log.txt", 10_000 * math.ceil(100 / 8)
 
     def steps_shown():
-        found = re.findall(r"(\d+)/130000 \[", log.read_text(errors="replace"))
+        found = re.findall(rf"(\d+)/{planned} \[", log.read_text(errors="replace"))
         return int(found[-1]) if found else 0
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                               os.path.join(ROOT, "model03.py"), "--data-dir", str(tmp_path / "data"), "--out-dir",
                               str(tmp_path / "runs"), "--batch-size", "8", "--epochs", "10000", "--curve-images", "0",
                               "--no-compile"],
-                             cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+                             cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 240
         while steps_shown() < 2 and time.time() < deadline and p.poll() is None:
             time.sleep(0.2)
@@ -111,9 +113,15 @@ def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
         try:
             p.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
+            for pid in filter(str.isdigit, os.listdir("/proc")):  # the workers, each in a session of torchrun's making
+                try:
+                    if str(tmp_path / "runs").encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
             raise
     out = log.read_text(errors="replace").replace("\r", "\n")
     assert sent_after >= 2 and out.count("error: Interrupted at step") == 1, out[-4000:]
     blob = torch.load(tmp_path / "runs" / "model03_checkpoint.pt", weights_only=True)
-    assert sent_after <= blob["state"]["step"] < 130000 and blob["config"]["world_size"] == 2
+    assert sent_after <= blob["state"]["step"] < planned and blob["config"]["world_size"] == 2

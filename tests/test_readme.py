@@ -140,14 +140,20 @@ def test_the_roughness_sentence_gives_each_groups_range_of_draws_over_data():
 
 
 def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatch):
-    balance = {"rate_nats": 2e7, "rate_per_layer_nats": [2e7, 100.0], "elbo_nats": -1.0, "distortion_nats": 1.0,
+    balance = {"rate_nats": 2e7, "rate_per_layer_nats": [100.0, 2e7], "elbo_nats": -1.0, "distortion_nats": 1.0,
                "mean_log_scale": 0.0}
     run = {"model": "model05_mixture", "test_bpd": 4.70, "test_bpd_stderr": 0.01, "test_balance": balance}
-    check = {"test_bpd": 4.71, "eval_samples": 100,
-             "test_balance": dict(balance, rate_nats=337.4, rate_per_layer_nats=[237.4, 100.0])}
+    check = {"test_bpd": 4.705, "eval_samples": 100,
+             "test_balance": dict(balance, rate_nats=337.4, rate_per_layer_nats=[100.0, 237.4])}
+    checks = {"model05_mixture": check}
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", run)])
-    monkeypatch.setattr(rendering, "load", lambda name, folder="assets", suffix="": check)
+    monkeypatch.setattr(rendering, "load", lambda name, folder="assets", suffix="": checks.get(name))
     text = rendering.render_rare_draws()
-    assert "20.0 million nats" in text and "re-evaluation's is 237;" in text and "differ by 1.00 standard" in text
+    assert "prior of layer 2 (from the bottom) is far off" in text and "20.0 million nats" in text
+    assert "re-evaluation's is 237;" in text and "estimate is unmoved" in text
+    checks["model05_mixture"] = dict(check, test_bpd=4.72)
+    assert "estimate moves" in rendering.render_rare_draws()
+    checks.clear()
+    assert rendering.render_rare_draws().endswith("ruled by one draw; its re-evaluation is not in assets/checks yet.")
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=check["test_balance"]))])
     assert rendering.render_rare_draws() == "No shipped run's rate is ruled by a rare draw."
