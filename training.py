@@ -404,6 +404,7 @@ class _Stop:
 
     def __init__(self, deadline, device):
         self.deadline, self.device, self.asked, self.agreed = deadline, device, False, False
+        self.signalled = False  # set by the handler only: a signal that lands while the ranks agree waits for the next
 
     def now(self):
         if world_size() == 1:
@@ -412,7 +413,7 @@ class _Stop:
 
     def check(self):
         if world_size() > 1:  # asked on any rank means asked on every rank (the same message and exit status)
-            self.asked = any_rank(self.asked, self.device)
+            self.asked = any_rank(self.asked or self.signalled, self.device)
             self.agreed = self.asked or any_rank(time.time() >= self.deadline, self.device)
 
     @contextlib.contextmanager
@@ -423,7 +424,7 @@ class _Stop:
             return
 
         def note(signum, frame):
-            self.asked = True
+            self.signalled = True
         try:
             previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread

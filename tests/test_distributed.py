@@ -125,3 +125,26 @@ def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
     assert sent_after >= 2 and out.count("error: Interrupted at step") == 1, out[-4000:]
     blob = torch.load(tmp_path / "runs" / "model03_checkpoint.pt", weights_only=True)
     assert sent_after <= blob["state"]["step"] < planned and blob["config"]["world_size"] == 2
+
+
+def test_a_signal_that_lands_while_the_ranks_agree_is_not_lost(monkeypatch):
+    """CI once saw both ranks train on after torchrun passed them SIGTERM: the handler's flag, set while any_rank
+    waited for the other rank, was overwritten by any_rank's older answer. Here the signal lands during the first
+    agreement; the next one must stop every rank."""
+    import math
+    import signal
+    import training
+    monkeypatch.setattr(training, "world_size", lambda: 2)
+    stop = training._Stop(math.inf, torch.device("cpu"))
+    with stop.on_signals():
+        handler, calls = signal.getsignal(signal.SIGTERM), []
+
+        def any_rank(flag, device):  # the other rank's vote: no; the signal arrives during the first call
+            calls.append(flag)
+            if len(calls) == 1:
+                handler(signal.SIGTERM, None)
+            return bool(flag)
+        monkeypatch.setattr(training, "any_rank", any_rank)
+        stop.check()
+        stop.check()
+    assert stop.now() and stop.asked
