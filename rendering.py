@@ -119,8 +119,10 @@ def render_glance():
         rate = f"{b['rate_nats']:.0f}"
         if rare_draw(b):
             rate = "†"
-            notes.append(f"† {label(name)}: the run's mean rate is ruled by one rare draw of z; its re-evaluation "
-                         f"(appendix) gives {load(name, CHECKS, '_eval_only.json')['test_balance']['rate_nats']:.0f}.")
+            check = load(name, CHECKS, "_eval_only.json")
+            notes.append(f"† {label(name)}: the run's mean rate is ruled by one rare draw of z"
+                         + (f"; its --eval-only re-evaluation ({CHECKS}/{name}_eval_only.json) gives a mean rate of "
+                            f"{check['test_balance']['rate_nats']:.0f} nats." if check else "."))
         rough = f"{t['roughness_levels']['draws']:.1f} / {t['roughness_levels']['data']:.1f}" if t else ""
         px_z, variance = RUNS.get(name, ("", "", ""))[1:]
         script = name.split("_")[0] + ".py"
@@ -267,6 +269,7 @@ def render_balance():
     lines = ["| run | rate KL(q\\|\\|p), nats/image (per layer or latent map size, bottom first) | distortion, "
              "nats/image | ELBO, bits/dim | mean log-std of p(x\\|z) | active latent units |",
              "|---|---|---|---|---|---|"]
+    notes = []
     for name, r in shipped():
         b = r["test_balance"]
         rate = f"{b['rate_nats']:.1f}"
@@ -275,8 +278,14 @@ def render_balance():
         elbo = f"{elbo_bpd(b):.3f}" if "test_bpd" in r else ""
         spread = "none (Bernoulli)" if log_std(name, b) is None else f"{log_std(name, b):.2f}"
         active = per_layer(name, b, "active_units", "d") + f" of {sum(b['latent_units'])}"
-        lines.append(f"| {label(name)} | {rate} | {b['distortion_nats']:.1f} | {elbo} | {spread} | {active} |")
-    return "\n".join(lines)
+        mark, check = ("", None) if not rare_draw(b) else (" †", load(name, CHECKS, "_eval_only.json"))
+        if mark:
+            notes.append(f"† {label(name)}: one rare draw of z rules the run's rate, distortion and ELBO"
+                         + (f"; its --eval-only re-evaluation gives a rate of {check['test_balance']['rate_nats']:.0f} "
+                            f"and a distortion of {check['test_balance']['distortion_nats']:.0f} nats/image." if check
+                            else "."))
+        lines.append(f"| {label(name)}{mark} | {rate} | {b['distortion_nats']:.1f} | {elbo} | {spread} | {active} |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def render_numbers(names):
@@ -629,14 +638,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--summary", action="store_true", help="also draw the summary figure (needs --data-dir)")
     p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is (for --summary)")
-    p.add_argument("--runs", default=ASSETS, help="the folder of checkpoints the summary figure draws from")
+    p.add_argument("--runs", default=ASSETS, help="the folder of checkpoints the summary figure draws from (another "
+                   "than assets/: the figure only, README.md and colour_curves.png untouched)")
     p.add_argument("--out", default=os.path.join(ASSETS, "summary.png"), help="where the summary figure goes")
     args = p.parse_args(argv)
-    with open(README) as f:
-        text = render_readme(f.read())  # rendered before the file is opened for writing: a failure leaves it whole
-    with open(README, "w") as f:
-        f.write(text)
-    print(f"README.md: {len(TABLES)} results blocks rendered; colour_curves.png: {draw_colour_curves()} curves")
+    if os.path.abspath(args.runs) == ASSETS:  # the README reads the shipped runs; your own runs get the figure only
+        with open(README) as f:
+            text = render_readme(f.read())  # rendered before the file is opened for writing: a failure leaves it whole
+        with open(README, "w") as f:
+            f.write(text)
+        print(f"README.md: {len(TABLES)} results blocks rendered; colour_curves.png: {draw_colour_curves()} curves")
     if args.summary:
         from common import UserError
         try:

@@ -157,3 +157,11 @@ def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatc
     assert rendering.render_rare_draws().endswith("ruled by one draw; its re-evaluation is not in assets/checks yet.")
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=check["test_balance"]))])
     assert rendering.render_rare_draws() == "No shipped run's rate is ruled by a rare draw."
+
+
+def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
+    written = []
+    monkeypatch.setattr(rendering, "draw_colour_curves", lambda: written.append("curves") or 0)
+    monkeypatch.setattr(rendering, "render_readme", lambda text: written.append("readme") or text)
+    assert rendering.main(["--summary", "--runs", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]) == 2
+    assert written == [] and "error:" in capsys.readouterr().err
