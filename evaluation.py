@@ -247,8 +247,9 @@ def plot_colour_curves(results_paths, path, labels=None):
     curves = [([row["epoch"] for row in r["test_curve"]], [row["elbo_bpd"] for row in r["test_curve"]]) for r in runs]
     top = curve_top([bpd for _, bpd in curves])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r, (epochs, bpd) in zip(runs, curves):
+    for i, (r, (epochs, bpd)) in enumerate(zip(runs, curves)):  # ten colours, then the same with another dash
         line, = ax.plot(epochs, [value if value <= top else math.nan for value in bpd], marker=".", lw=1,
+                        color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
                         label=(labels or {}).get(r["model"], r["model"]))  # the line breaks at an off-scale epoch
         for epoch, value in zip(epochs, bpd):
             if value > top:  # off the scale: drawn at the top edge, with its value
