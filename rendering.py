@@ -492,6 +492,27 @@ def render_rare_draws():
     return "\n\n".join(lines) or "No shipped run's rate is ruled by a rare draw."
 
 
+GUARD_LOG = os.path.join("assets", "model04_no_ratio_guard_log.txt")  # model04's first run, before the ratio guard
+
+
+def render_guard_history():
+    """What model04's first run did without the ratio guard, read from the per-step log of its rerun."""
+    text = open(os.path.join(ROOT, GUARD_LOG)).read()
+    before = float(re.search(r"over steps \d+ to \d+: at most (\d+\.\d+)", text).group(1))
+    rows = [(int(step), float(loss), float(ratio), status) for step, loss, _, ratio, status in
+            re.findall(r"^ *(\d+) +(\S+) +(\S+) +(\S+) +(taken|skipped)$", text, re.M)]
+    spike = next(row for row in rows if row[2] > 10)
+    skip = next(row for row in rows if row[3] == "skipped")
+    typical = sorted(loss for step, loss, _, _ in rows if step < spike[0])
+    typical = typical[len(typical) // 2]
+    mantissa, exponent = f"{skip[1]:.1e}".split("e")
+    later = skip[0] - spike[0]
+    return (f"The first 50-epoch run of model04, before that guard existed, took one step at {spike[2]:.0f} times "
+            f"that median (step {spike[0]}; the largest ratio before it was {before}), and {later} "
+            f"step{'s' * (later > 1)} later a batch's loss was {mantissa}e{int(exponent)} nats per image instead of "
+            f"about {round(typical, -2):,.0f} (`{GUARD_LOG}`).")
+
+
 def render_roughness():
     """How speckled the data and each model's images are: mean absolute step between neighbouring pixels, in 8-bit
     levels, ± its standard error over images (each run's image_stats, or its assets/image_stats/ file)."""
@@ -560,6 +581,7 @@ TABLES = {
     "balance": render_balance, "roughness": render_roughness, "provenance": render_provenance,
     "image_stats_runs": render_image_stats_runs,
     "s_sweep": render_s_sweep, "checks": render_checks, "rare_draws": render_rare_draws, "speed": render_speed,
+    "guard_history": render_guard_history,
     "defaults": render_defaults,
 }
 

@@ -165,3 +165,18 @@ def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatc
     monkeypatch.setattr(rendering, "render_readme", lambda text: written.append("readme") or text)
     assert rendering.main(["--summary", "--runs", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]) == 2
     assert written == [] and "error:" in capsys.readouterr().err
+
+
+def test_the_guard_history_is_read_from_the_log(tmp_path, monkeypatch):
+    log = tmp_path / "log.txt"
+    log.write_text("Gradient norm / the median ..., over steps 101 to 9: at most 3.10.\n"
+                   " step            loss    grad norm  / median   taken or skipped\n"
+                   "    7           100.0    1.0e+04        1.0  taken\n"
+                   "    8           300.0    1.0e+04        1.1  taken\n"
+                   "    9           200.0    1.0e+04        0.9  taken\n"
+                   "   10          7000.0    1.0e+06         40  taken\n"
+                   "   11     4.4e+10    1.0e+12    1.0e+05  skipped\n")
+    monkeypatch.setattr(rendering, "GUARD_LOG", str(log))
+    text = rendering.render_guard_history()
+    assert "at 40 times that median (step 10; the largest ratio before it was 3.1), and 1 step later" in text
+    assert "loss was 4.4e10 nats per image instead of about 200 (" in text
