@@ -2,8 +2,8 @@
 
 What changed since model05: the size and the shape of the hierarchy. model05 has three stochastic layers at 4x4 and
 8x8 between shallow convolutional stacks; the VAEs that reach 2.9 bits/dim on CIFAR-10 (VDVAE, Child 2021: 2.87;
-NVAE, Vahdat & Kautz 2020: 2.91) stack many layers of spatial latents, from 1x1 up to the image's resolution, between residual
-cells. Here:
+NVAE, Vahdat & Kautz 2020: 2.91) stack many layers of spatial latents, from 1x1 up to the image's resolution,
+between residual cells. Here:
   - every network is made of VDVAE's bottleneck blocks (a 1x1 convolution down to a narrower width, two 3x3
     convolutions, a 1x1 convolution back up), residual where they keep the width;
   - the latents are maps at 1x1, 4x4, 8x8 and 16x16: 4 + 5 + 4 + 1 = 14 layers by default (`--layers`);

@@ -333,4 +333,5 @@ def test_resume_and_eval_only_take_the_latent_bounds_the_checkpoint_holds(cifar_
     older.mkdir()
     torch.save(blob, older / "model05_logistic_checkpoint.pt")
     assert model05.main(args(cifar_bin_dir, older, "--max-steps", "3", "--resume", *flags)) == 0
-    assert torch.load(older / "model05_logistic_checkpoint.pt", weights_only=False)["config"]["latent_bounds"] == "shift"
+    resumed = torch.load(older / "model05_logistic_checkpoint.pt", weights_only=False)
+    assert resumed["config"]["latent_bounds"] == "shift"

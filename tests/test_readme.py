@@ -155,7 +155,8 @@ def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatc
     assert "estimate moves" in rendering.render_rare_draws()
     checks.clear()
     assert rendering.render_rare_draws().endswith("ruled by one draw; its re-evaluation is not in assets/checks yet.")
-    monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=check["test_balance"]))])
+    ordinary = dict(run, test_balance=check["test_balance"])
+    monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", ordinary)])
     assert rendering.render_rare_draws() == "No shipped run's rate is ruled by a rare draw."
 
 
