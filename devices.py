@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def hardware_name(device):
@@ -123,7 +124,20 @@ def start_processes(device):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not is_main():  # its bars are disabled, but a disabled bar still starts tqdm's monitor thread, which outlives
+        tqdm.monitor_interval = 0  # them: a daemon thread at the interpreter's exit, a known source of rare aborts
     return device
+
+
+def end_processes(together):
+    """Leaves the process group, if joined. `together` (the run ended, or met an error every rank meets): first
+    every rank waits for the others, rank 0's writing included, so that none tears its connections down while
+    another still works."""
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def world_size():

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from common import UserError, bits_per_dim, estimate_log_likelihood, mean_and_stderr, training_loss
-from devices import (configure_device, gather_shards, hardware_name, is_main, rank, seed_everything, shard,
-                     start_processes, to_device, world_size)
+from devices import (configure_device, end_processes, gather_shards, hardware_name, is_main, rank, seed_everything,
+                     shard, start_processes, to_device, world_size)
 from evaluation import (IMAGE_STATS_IMAGES, balance_stats, heldout_elbo, image_stats, plot_colour_curves,
                         plot_history, save_grids)
 from training import (GRAD_NORM_WINDOW, SCHEDULES, Diverged, Plan, Sitting, SkipGuard, TrainState, finite_or_none,
@@ -167,16 +167,17 @@ def resume_command(script, argv):
 def cli(run, argv):
     """Run `run(argv)`; a UserError becomes a one-paragraph message on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    status = None  # stays None while an unexpected exception passes through
     try:
         run(argv)
+        status = 0
     except UserError as err:
         if is_main():  # under torchrun every rank meets the same error: one message
             print(f"error: {err}", file=sys.stderr)
-        return 2
+        status = 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        end_processes(together=status is not None)
+    return status
 
 
 # ---------------------------------------------------------------------------------------------------

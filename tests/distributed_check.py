@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 
 import torch
 
@@ -63,10 +64,9 @@ def main():
     single = devices.gather_shards(estimate_log_likelihood(model, devices.shard(x[:1]), EVAL_SAMPLES, progress=False))
     torch.save({"weights": torch.cat([q.detach().reshape(-1) for q in model.parameters()]), "start": start,
                 "skipped": state.skipped_steps, "steps": state.step, "llh": llh, "llh_whole": whole, "llh_single": single,
-                "history": state.history},
+                "history": state.history, "threads": [t.name for t in threading.enumerate()]},
                os.path.join(args.out_dir, f"rank{devices.rank()}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    devices.end_processes(together=True)
 
 
 if __name__ == "__main__":

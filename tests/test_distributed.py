@@ -33,6 +33,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     one = torch.load(tmp_path / "1" / "rank0.pt")
     two = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(two[0]["weights"], two[1]["weights"])  # the ranks never drift apart
+    assert "tqdm_monitor" not in two[1]["threads"]  # its bars, disabled, left no thread to outlive them
     assert one["steps"] == two[0]["steps"] == 15 and one["skipped"] == two[0]["skipped"] == 0
     change = one["weights"] - one["start"]
     assert change.abs().max() > 1e-3  # the steps moved the weights...
