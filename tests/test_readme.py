@@ -181,3 +181,13 @@ def test_the_guard_history_is_read_from_the_log(tmp_path, monkeypatch):
     text = rendering.render_guard_history()
     assert "at 40 times that median (step 10; the largest ratio before it was 3.1), and 1 step later" in text
     assert "loss was 4.4e10 nats per image instead of about 200 (" in text
+
+
+def test_chapter_6s_finding_says_lowers_only_where_both_of_its_runs_beat_chapter_5s(monkeypatch):
+    runs = list(rendering.shipped())
+    assert "(chapter 6) lowers the bits/dim again" in rendering.render_findings()
+    worse = [(name, dict(r, test_bpd=9.0) if name == "model06_logistic_unbounded" else r) for name, r in runs]
+    monkeypatch.setattr(rendering, "shipped", lambda: worse)
+    text = rendering.render_findings()
+    assert "(chapter 6) does not always lower the bits/dim" in text
+    assert "with the free logistic, model06 scores 9.000 bits/dim against model05's" in text
