@@ -99,8 +99,7 @@ def _missing(what, where, hint, err):
     reason = " ".join(str(err).split())  # torchvision's messages span lines; keep one paragraph
     return DataError(
         f"{what} is not in {where} and could not be downloaded ({type(err).__name__}: {reason}). "
-        f"{hint} Pass --data-dir with the folder that holds it (on the project's machines: "
-        f"--data-dir ../shared/data).")
+        f"{hint} Pass --data-dir with the folder that holds it.")
 
 
 def _remove_empty(created):

@@ -12,7 +12,7 @@ half of the epochs, then a geometric decay to 1e-4), 1500 epochs: the paper's 32
 (8 stages, lr 1e-3 * 10^(-i/7) for 3^i epochs) are eleven times as many steps (README: the times on 2 cores).
 The paper's protocol is  --batch-size 20 --schedule iwae --epochs 3280.
 
-Run:  python model01.py --data-dir ../shared/data
+Run:  python model01.py --data-dir DIR
       (--epochs N spreads the same schedule over N epochs; --time-limit MINUTES stops and resumes)
 It writes runs/model01_{imgs,recs,samples,samples_var,curve}.png, model01_results.json and
 model01_checkpoint.pt, and prints the test log-likelihood estimated with 5000 importance samples.

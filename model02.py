@@ -27,10 +27,10 @@ no likelihood; read with variance B, it is B times a bound.
 
     beta-VAE:   B * L_1(x) = E -|x - mu(z)|^2 / 2 - B KL(q(z|x) || p(z)) + const,   log sigma^2 = log B fixed
 
-Run:  python model02.py --data-dir ../shared/data            (bounded)
-      python model02.py --data-dir ../shared/data --unbounded
-      python model02.py --data-dir ../shared/data --unbounded --dequantize
-      python model02.py --data-dir ../shared/data --beta 0.3679   (beta = e^-1, the bounded model's variance floor)
+Run:  python model02.py --data-dir DIR   (bounded)
+      python model02.py --data-dir DIR --unbounded
+      python model02.py --data-dir DIR --unbounded --dequantize
+      python model02.py --data-dir DIR --beta 0.3679   (beta = e^-1, the bounded model's variance floor)
 It writes runs/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
 model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
 with --beta).

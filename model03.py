@@ -11,8 +11,8 @@ logistic (s^2 pi^2 / 3 in [exp(-1), e]); `--unbounded` removes it.
                 P(x|z) = prod_subpixels [sigmoid((x + 1/510 - mu) / s) - sigmoid((x - 1/510 - mu) / s)]
     log s = (tanh(decoder output) - log(pi^2 / 3)) / 2   (bounded)   or   decoder output   (--unbounded)
 
-Run:  python model03.py --data-dir ../shared/data            (bounded)
-      python model03.py --data-dir ../shared/data --unbounded
+Run:  python model03.py --data-dir DIR   (bounded)
+      python model03.py --data-dir DIR --unbounded
 It writes runs/model03_{imgs,recs,samples,samples_var,curve}.png, model03_results.json and
 model03_checkpoint.pt (model03_unbounded_* with --unbounded).
 """

@@ -13,9 +13,9 @@ No bound on the variance: only PixelCNN++'s floor on the log-scale (LOG_SCALE_MI
 `--components K` and `--no-autoregression` take the change apart: K = 1 with autoregression, or ten components
 with independent channels (coefficients fixed at 0), each against model03 --unbounded and model04.
 
-Run:  python model04.py --data-dir ../shared/data
-      python model04.py --data-dir ../shared/data --components 1
-      python model04.py --data-dir ../shared/data --no-autoregression
+Run:  python model04.py --data-dir DIR
+      python model04.py --data-dir DIR --components 1
+      python model04.py --data-dir DIR --no-autoregression
 It writes runs/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
 model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). With autoregression
 the grid of samples' means is a Monte Carlo mean (100 draws): the exact mean is a sum over 256^3 colours per pixel.

@@ -19,9 +19,9 @@ run's rate; `joint` bounds them as chapter 6 does (`joint_latents`).
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
 
-Run:  python model05.py --data-dir ../shared/data                         (mixture, 3 layers)
-      python model05.py --data-dir ../shared/data --obs logistic --unbounded --layers 2 --dataset svhn
-                                              (close to the original vae-mdl's try: two layers, SVHN)
+Run:  python model05.py --data-dir DIR              (mixture, 3 layers)
+      python model05.py --data-dir DIR --obs logistic --unbounded --layers 2 --dataset svhn
+                                   (close to the original vae-mdl's try: two layers, SVHN)
 It writes runs/model05_mixture_{imgs,recs,samples,samples_var,curve,layers}.png, model05_mixture_results.json
 and model05_mixture_checkpoint.pt (model05_logistic[_unbounded]_* with --obs logistic). model05_*_layers.png
 shows what each layer encodes: each row keeps one draw of the top layers from the prior and resamples the

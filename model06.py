@@ -38,9 +38,9 @@ soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
 
-Run:  python model06.py --data-dir ../shared/data      (mixture, 14 layers: on 2 CPU cores longer than one
-                                                         sitting; add --time-limit MINUTES, then --resume)
-      python model06.py --data-dir ../shared/data --obs logistic --unbounded
+Run:  python model06.py --data-dir DIR      (mixture, 14 layers: on 2 CPU cores longer than one
+                                              sitting; add --time-limit MINUTES, then --resume)
+      python model06.py --data-dir DIR --obs logistic --unbounded
 It writes runs/model06_mixture_{imgs,recs,samples,samples_var,curve,layers,temperatures}.png,
 model06_mixture_results.json and model06_mixture_checkpoint.pt (model06_logistic[_unbounded]_* with --obs logistic).
 As model05's, model06_*_layers.png shows what each layer encodes: each row keeps one draw of the top layers from the
