@@ -567,7 +567,8 @@ def render_quick_look():
     command = re.sub(r" --data-dir \S+", "", r["command"])  # the user's data folder is theirs
     return (f"```bash\n{command} --data-dir DIR\n```\n\nshould print `{r['model']}: test log p(x) = "
             f"{r['test_llh_nats']:.2f} +- {r['test_llh_stderr']:.2f} nats = {r['test_bpd']:.3f} bits/dim "
-            f"(S={r['eval_samples']}, {r['eval_images']} test images)` (the importance samples are new each time, so "
+            f"(S={r['eval_samples']}, {r['eval_images']} test images); wrote runs/{r['model']}_results.json` (the "
+            f"importance samples are new each time, so "
             f"expect agreement within the standard error, not to the digit), and write its four grids into `runs/`, "
             f"beside the shipped ones in `assets/`. It took {r['wall_seconds']:.0f} s on {r['hardware']}.")
 

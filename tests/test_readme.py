@@ -55,6 +55,7 @@ def test_the_quick_look_is_a_short_eval_only_run_of_a_shipped_checkpoint():
     (name, r), = json_files(QUICK_LOOK, "_results.json")
     assert re.search(rf"--checkpoint assets/{name}_checkpoint.pt", r["command"]) and r["eval_images"] <= 500
     assert r["wall_seconds"] < 120
+    assert "--out-dir" not in r["command"]  # the README's expected line says it wrote into runs/, the default
 
 
 def test_a_run_of_several_sittings_shows_each_sittings_command():
