@@ -501,12 +501,14 @@ GUARD_LOG = os.path.join("assets", "model04_no_ratio_guard_log.txt")  # model04'
 
 
 def render_guard_history():
-    """What model04's first run did without the ratio guard, read from the per-step log of its rerun."""
+    """What model04's first run did without the ratio guard, read from the per-step log of its rerun: its first step
+    past the ratio that model04's guard now skips at."""
+    import model04
     text = open(os.path.join(ROOT, GUARD_LOG)).read()
     before = float(re.search(r"over steps \d+ to \d+: at most (\d+\.\d+)", text).group(1))
     rows = [(int(step), float(loss), float(ratio), status) for step, loss, _, ratio, status in
             re.findall(r"^ *(\d+) +(\S+) +(\S+) +(\S+) +(taken|skipped)$", text, re.M)]
-    spike = next(row for row in rows if row[2] > 10)
+    spike = next(row for row in rows if row[2] > model04.SKIP_GRAD_RATIO)
     skip = next(row for row in rows if row[3] == "skipped")
     typical = sorted(loss for step, loss, _, _ in rows if step < spike[0])
     typical = typical[len(typical) // 2]
