@@ -107,10 +107,19 @@ def rare_draw(b):
 # ---------------------------------------------------------------------------------------------------
 # Tables and sentences
 # ---------------------------------------------------------------------------------------------------
+def weights(name, r):
+    """The run's number of weights: its results' count, else (runs older than that field) its shipped checkpoint's."""
+    if "parameters" in r:
+        return r["parameters"]
+    import torch
+    blob = torch.load(os.path.join(ROOT, "assets", f"{name}_checkpoint.pt"), map_location="cpu", weights_only=True)
+    return sum(t.numel() for t in blob["model"].values())
+
+
 def render_glance():
     """Results at a glance: one row per colour run, readable labels, no commands (those are in the appendix)."""
-    lines = ["| model | script | p(x\\|z) | variance | test bits/dim | rate, nats | log-std of p(x\\|z) | "
-             "roughness of draws / data |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | script | p(x\\|z) | variance | weights | test bits/dim | rate, nats | log-std of p(x\\|z) | "
+             "roughness of draws / data |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, r in shipped():
         if "test_bpd" not in r:
@@ -126,8 +135,8 @@ def render_glance():
         rough = f"{t['roughness_levels']['draws']:.1f} / {t['roughness_levels']['data']:.1f}" if t else ""
         px_z, variance = RUNS.get(name, ("", "", ""))[1:]
         script = name.split("_")[0] + ".py"
-        lines.append(f"| {label(name)} | {script} | {px_z} | {variance} | {r['test_bpd']:.3f} ± "
-                     f"{r['test_bpd_stderr']:.3f} | {rate} | {log_std(name, b):.2f} | {rough} |")
+        lines.append(f"| {label(name)} | {script} | {px_z} | {variance} | {weights(name, r) / 1e6:.2f}M | "
+                     f"{r['test_bpd']:.3f} ± {r['test_bpd_stderr']:.3f} | {rate} | {log_std(name, b):.2f} | {rough} |")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

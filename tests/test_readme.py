@@ -193,3 +193,9 @@ def test_chapter_6s_finding_says_lowers_only_where_both_of_its_runs_beat_chapter
     assert "(chapter 6) does not always lower the bits/dim" in text
     chapter5 = dict(runs)["model05_logistic_unbounded"]["test_bpd"]
     assert f"the free logistic from {chapter5:.3f} (chapter 5) to 9.000." in text
+
+
+def test_a_runs_weights_are_its_results_count_or_its_checkpoints():
+    runs = dict(rendering.shipped())
+    both = [name for name, r in runs.items() if "parameters" in r]
+    assert both and all(rendering.weights(name, {}) == runs[name]["parameters"] for name in both)
