@@ -132,7 +132,7 @@ def render_glance():
             notes.append(f"† {label(name)}: the run's mean rate is ruled by one rare draw of z"
                          + (f"; its --eval-only re-evaluation ({CHECKS}/{name}_eval_only.json) gives a mean rate of "
                             f"{check['test_balance']['rate_nats']:.0f} nats." if check else "."))
-        rough = f"{t['roughness_levels']['draws']:.1f} / {t['roughness_levels']['data']:.1f}" if t else ""
+        rough = f"{t['roughness_levels']['draws'] / t['roughness_levels']['data']:.2f}" if t else ""
         px_z, variance = RUNS.get(name, ("", "", ""))[1:]
         script = name.split("_")[0] + ".py"
         lines.append(f"| {label(name)} | {script} | {px_z} | {variance} | {weights(name, r) / 1e6:.2f}M | "
