@@ -156,8 +156,7 @@ def render_findings():
         f"({rough['model03']['draws']:.1f} levels; the data: {rough['model03']['data']:.1f}).",
         f"- **Freeing it lowers the bits/dim far below the uniform's and keeps a picture in the draws.** Unbounded, the "
         f"same networks score {bpd['model02_unbounded']:.3f} (Gaussian) and {bpd['model03_unbounded']:.3f} (logistic) "
-        f"bits/dim; the rate "
-        f"grows {b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
+        f"bits/dim; the rate grows {b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
         f"({b['model03']['rate_nats']:.0f} to {b['model03_unbounded']['rate_nats']:.0f} nats for the logistic), as the "
         f"original's explanation says, but the means from the prior stay as image-like as the "
         f"bounded ones, and the draws show the picture under speckle ({rough['model03_unbounded']['draws']:.1f} levels).",
