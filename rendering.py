@@ -154,9 +154,9 @@ def render_findings():
         f"{bpd['model03']:.3f} bits/dim, worse than a uniform distribution over 256 values (8); the logistic's means "
         f"are smooth ({rough['model03']['sample_means']:.1f} levels of roughness) and its draws noise "
         f"({rough['model03']['draws']:.1f} levels; the data: {rough['model03']['data']:.1f}).",
-        f"- **Freeing it lowers the bits/dim far below the uniform's and keeps a picture in the draws.** Unbounded, the "
-        f"same networks score {bpd['model02_unbounded']:.3f} (Gaussian) and {bpd['model03_unbounded']:.3f} (logistic) "
-        f"bits/dim; the rate grows {b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
+        f"- **Freeing it lowers the bits/dim far below the uniform's and keeps a picture in the draws.** Unbounded, "
+        f"the same networks score {bpd['model02_unbounded']:.3f} (Gaussian) and {bpd['model03_unbounded']:.3f} "
+        f"(logistic) bits/dim; the rate grows {b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
         f"({b['model03']['rate_nats']:.0f} to {b['model03_unbounded']['rate_nats']:.0f} nats for the logistic), as the "
         f"original's explanation says, but the means from the prior stay as image-like as the "
         f"bounded ones, and the draws show the picture under speckle ({rough['model03_unbounded']['draws']:.1f} levels).",
@@ -185,8 +185,8 @@ def render_findings():
     if "model04_1component" in bpd and "model04_no_autoregression" in bpd:
         lines.append(f"- **Chapter 4's two changes overlap.** Either alone buys most of its gain over the free "
                      f"logistic: one logistic with RGB autoregression scores {bpd['model04_1component']:.3f} bits/dim, "
-                     f"ten components with independent channels {bpd['model04_no_autoregression']:.3f}, the two together "
-                     f"{bpd['model04']:.3f}.")
+                     f"ten components with independent channels {bpd['model04_no_autoregression']:.3f}, the two "
+                     f"together {bpd['model04']:.3f}.")
     beta = "model02_beta0.3679"
     if beta in bpd:
         lines.append(f"- **The beta-VAE is the bound in another form.** With beta = e^-1, the variance the bounded "
