@@ -10,6 +10,7 @@ tests/test_readme.py renders the tables and fails where README.md differs. Nothi
 the summary figure loads the shipped checkpoints and draws from them with fixed seeds.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -111,8 +112,14 @@ def weights(name, r):
     """The run's number of weights: its results' count, else (runs older than that field) its shipped checkpoint's."""
     if "parameters" in r:
         return r["parameters"]
+    return checkpoint_weights(os.path.join(ROOT, "assets", f"{name}_checkpoint.pt"))
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_weights(path):
+    """The weights in a checkpoint (read once per process: the README is rendered whole, often, by the tests)."""
     import torch
-    blob = torch.load(os.path.join(ROOT, "assets", f"{name}_checkpoint.pt"), map_location="cpu", weights_only=True)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     return sum(t.numel() for t in blob["model"].values())
 
 
@@ -156,7 +163,8 @@ def render_findings():
         f"({rough['model03']['draws']:.1f} levels; the data: {rough['model03']['data']:.1f}).",
         f"- **Freeing it lowers the bits/dim far below the uniform's and keeps a picture in the draws.** Unbounded, "
         f"the same networks score {bpd['model02_unbounded']:.3f} (Gaussian) and {bpd['model03_unbounded']:.3f} "
-        f"(logistic) bits/dim; the rate grows {b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
+        f"(logistic) bits/dim; the rate grows "
+        f"{b['model03_unbounded']['rate_nats'] / b['model03']['rate_nats']:.0f}-fold "
         f"({b['model03']['rate_nats']:.0f} to {b['model03_unbounded']['rate_nats']:.0f} nats for the logistic), as the "
         f"original's explanation says, but the means from the prior stay as image-like as the "
         f"bounded ones, and the draws show the picture under speckle ({rough['model03_unbounded']['draws']:.1f} levels).",
