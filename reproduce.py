@@ -16,6 +16,7 @@ import sys
 import time
 
 import rendering
+import results
 
 OUT = os.path.join("runs", "reproduce")
 S_SWEEP = ["--s-sweep", "1", "10", "100", "1000"]
@@ -39,7 +40,7 @@ RUNS = [  # (results name, script, flags): the story's runs, each with the scrip
 
 def hours(script):
     """(training hours, evaluation hours) of the script's default run at the rates of the shipped bench.py table."""
-    b = rendering.load_bench()
+    b = results.load_bench()
     row = next((r for r in (b or {}).get("rows", []) if r["chapter"] == script[:-3] and r["path"] == "optimized"), None)
     if row is None:
         return None
@@ -97,7 +98,7 @@ def run_steps(data_dir, time_limit):
 def compare():
     """Each reproduced number beside the shipped one."""
     for name, _, _ in RUNS:
-        mine, ours = rendering.load(name, OUT), rendering.load(name)
+        mine, ours = results.load(name, OUT), results.load(name)
         if mine is None or ours is None:
             continue
         key, se = ("test_bpd", "test_bpd_stderr") if "test_bpd" in ours else ("test_llh_nats", "test_llh_stderr")

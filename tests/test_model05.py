@@ -321,9 +321,9 @@ def test_resume_and_eval_only_take_the_latent_bounds_the_checkpoint_holds(cifar_
     assert evaluate(tmp_path / "older.pt") == ("shift", {"shift"})
     rc, err = evaluate(tmp_path / "older.pt", "--latent-bounds", "joint")
     assert rc == 2 and "trained with --latent-bounds shift, and this command asks for --latent-bounds joint" in err
-    import rendering  # the summary figure and the temperature grid's redraw build models the same way
-    assert rendering.model_from_checkpoint("model05_logistic", ckpt).blocks[0].bounds == "joint"
-    assert rendering.model_from_checkpoint("model05_logistic", tmp_path / "older.pt").blocks[0].bounds == "shift"
+    import results  # the summary figure and the temperature grid's redraw build models the same way
+    assert results.model_from_checkpoint("model05_logistic", ckpt).blocks[0].bounds == "joint"
+    assert results.model_from_checkpoint("model05_logistic", tmp_path / "older.pt").blocks[0].bounds == "shift"
     capsys.readouterr()
     assert model05.main(args(cifar_bin_dir, run, "--max-steps", "4", "--resume", "--latent-bounds=shift", *flags)) == 2
     assert "--latent-bounds joint" in capsys.readouterr().err

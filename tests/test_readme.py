@@ -4,7 +4,9 @@ import os
 import re
 
 import rendering
-from rendering import CHECKS, IMAGE_STATS, QUICK_LOOK, commands, json_files, load
+import results
+from rendering import commands
+from results import CHECKS, IMAGE_STATS, QUICK_LOOK, json_files, load
 
 
 def readme():
@@ -21,7 +23,7 @@ def test_readme_blocks_are_the_results_files():
 
 def test_every_results_file_is_in_the_readme():
     text = readme()
-    for name, r in rendering.shipped():
+    for name, r in results.shipped():
         number = f"{r['test_bpd']:.3f}" if "test_bpd" in r else f"{r['test_llh_nats']:.2f}"
         assert number in text, f"assets/{name}_results.json: {number} is not in README.md"
 
@@ -73,7 +75,7 @@ def test_a_run_of_several_sittings_shows_each_sittings_command():
 
 def test_every_image_the_readme_shows_is_shipped():
     for path in re.findall(r"\]\((assets/[^)]+\.png)\)", readme()):
-        assert os.path.exists(os.path.join(rendering.ROOT, path)), f"README.md shows {path}, which is not in assets/"
+        assert os.path.exists(os.path.join(results.ROOT, path)), f"README.md shows {path}, which is not in assets/"
 
 
 def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_path, monkeypatch):
@@ -87,7 +89,7 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
                "active_units": [1000, 200, 100, 128, 0, 3], "rate_nats": 500.0, "images": 10000}
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "model06_mixture_results.json").write_text(json.dumps({"test_balance": balance}))
-    monkeypatch.setattr(rendering, "ROOT", str(tmp_path))
+    monkeypatch.setattr(results, "ROOT", str(tmp_path))
     rows = rendering.render_latents_ch6().splitlines()[2:6]  # one run: its name is in the sentence, not the rows
     assert rows == ["| 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |",
                     "| 8x8 | 2 | 512 | 150.0 | 30% | 300 of 1024 | 900.0 | 10.0 | yes |",  # 900/90
@@ -99,9 +101,9 @@ def test_chapter_6_shows_the_rate_per_latent_map_and_the_worst_layers_ratio(tmp_
     text = rendering.render_latents_ch6()
     rows = text.splitlines()  # two runs: a column names each row's run, the logistic's first (CH6_RUNS)
     assert rows[0].startswith("| run | latent maps |") and rows[1] == "|" + "---|" * 10
-    assert rows[2] == (f"| {rendering.label('model06_logistic_unbounded')} | 16x16 | 1 | 2048 | 200.0 | 50% | "
+    assert rows[2] == (f"| {results.label('model06_logistic_unbounded')} | 16x16 | 1 | 2048 | 200.0 | 50% | "
                        f"1000 of 2048 | 600.0 | 2.1 | yes |")
-    assert rows[6] == f"| {rendering.label('model06_mixture')} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |"
+    assert rows[6] == f"| {results.label('model06_mixture')} | 16x16 | 1 | 2048 | 300.0 | 60% | 1000 of 2048 | 600.0 | 2.1 | yes |"
     assert "Rates of each run over the 10,000 test images" in text
     grouped = "16x16: 300.0 + 8x8: 150.0 + 4x4: 40.0 + 1x1: 10.0"
     assert rendering.per_layer("model06_mixture", balance, "rate_per_layer_nats", ".1f") == grouped
@@ -185,7 +187,7 @@ def test_the_guard_history_is_read_from_the_log(tmp_path, monkeypatch):
 
 
 def test_chapter_6s_finding_says_lowers_only_where_both_of_its_runs_beat_chapter_5s(monkeypatch):
-    runs = list(rendering.shipped())
+    runs = list(results.shipped())
     assert "(chapter 6) lowers the bits/dim again" in rendering.render_findings()
     worse = [(name, dict(r, test_bpd=9.0) if name == "model06_logistic_unbounded" else r) for name, r in runs]
     monkeypatch.setattr(rendering, "shipped", lambda: worse)
@@ -196,6 +198,6 @@ def test_chapter_6s_finding_says_lowers_only_where_both_of_its_runs_beat_chapter
 
 
 def test_a_runs_weights_are_its_results_count_or_its_checkpoints():
-    runs = dict(rendering.shipped())
+    runs = dict(results.shipped())
     both = [name for name, r in runs.items() if "parameters" in r]
-    assert both and all(rendering.weights(name, {}) == runs[name]["parameters"] for name in both)
+    assert both and all(results.weights(name, {}) == runs[name]["parameters"] for name in both)
