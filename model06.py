@@ -223,6 +223,10 @@ def parser():
     p.add_argument("--dataset", choices=["cifar10", "svhn"], default="cifar10", help="colour dataset")
     p.add_argument("--layers", type=experiment.positive_int, nargs=len(RESOLUTIONS), default=list(LAYERS),
                    metavar="N", help="stochastic layers at " + ", ".join(f"{r}x{r}" for r in RESOLUTIONS))
+    p.add_argument("--width", type=experiment.positive_int, default=CHANNELS,
+                   help="channels of the bottom-up features and of the top-down state, at every resolution")
+    p.add_argument("--bottleneck", type=experiment.positive_int, default=BOTTLENECK,
+                   help="inner width of the bottleneck blocks")
     p.add_argument("--obs", choices=["logistic", "mixture"], default="mixture",
                    help="p(x|z): model03's discretized logistic or model04's mixture of them")
     p.add_argument("--unbounded", action="store_true",
@@ -235,7 +239,7 @@ def parser():
 def build_model(args):
     observation = (MixtureObservation(args.components) if args.obs == "mixture"
                    else LogisticObservation(bounded=not args.unbounded))
-    return VAE(observation, layers=args.layers)
+    return VAE(observation, layers=args.layers, width=args.width, hidden=args.bottleneck)
 
 
 def run(argv):

@@ -67,6 +67,17 @@ def test_layers_at_four_resolutions(layers):
     assert [f.shape[-1] for f in model.encode(x)] == [r for r, n in zip(model06.RESOLUTIONS, layers) for _ in range(n)]
 
 
+def test_width_flags_set_the_networks_widths():
+    args = model06.parser().parse_args(["--width", "24", "--bottleneck", "8", "--layers", "1", "1", "1", "1"])
+    model = model06.build_model(args)
+    assert model.encoder.stem.out_channels == 24 and model.h_top.shape[1] == 24
+    inner = [m.out_channels for block in model.blocks for m in block.residual.branch if isinstance(m, torch.nn.Conv2d)]
+    assert inner == [8, 8, 8, 24] * 4
+    assert model.log_weight_parts(pixels(2), k=1)["rate_layers"].shape == (1, 2, 4)
+    defaults = model06.parser().parse_args([])
+    assert (defaults.width, defaults.bottleneck) == (model06.CHANNELS, model06.BOTTLENECK)
+
+
 def test_every_p_starts_as_the_standard_normal_and_q_near_it():
     """The prior heads' last convolutions start at zero (VDVAE's zero_last), the posterior heads' scaled down: every
     p(z_i|z_>i) starts as N(0, I) and every q(z_i|z_>i, x) close to it, though not equal (the encoder is heard)."""
