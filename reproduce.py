@@ -31,7 +31,7 @@ RUNS = [  # (results name, script, flags): the story's runs, each with the scrip
     ("model04", "model04.py", S_SWEEP),
     ("model04_1component", "model04.py", ["--components", "1"]),
     ("model04_no_autoregression", "model04.py", ["--no-autoregression"]),
-    ("model05_logistic_unbounded", "model05.py", ["--obs", "logistic", "--unbounded"]),
+    ("model05_logistic_unbounded", "model05.py", ["--obs", "logistic", "--unbounded", "--latent-bounds", "shift"]),
     ("model05_mixture", "model05.py", []),
     ("model06_logistic_unbounded", "model06.py", ["--obs", "logistic", "--unbounded"]),
     ("model06_mixture", "model06.py", []),

@@ -209,7 +209,7 @@ def test_top_layers_are_kept_and_the_rest_redrawn():
 
 
 def test_posterior_starts_as_a_shift_of_the_prior():
-    block = model05.TopDownBlock(8, 8, 2)
+    block = model05.TopDownBlock(8, 8, 2, bounds="shift")
     prior_out = torch.cat([torch.full((1, 2, 4, 4), 0.5), torch.full((1, 2, 4, 4), -100.0)], dim=1)
     pz, qz = block.latent(prior_out, torch.zeros(1, 4, 4, 4))
     assert torch.equal(pz.mean, qz.mean) and torch.equal(pz.stddev, qz.stddev)
@@ -314,7 +314,7 @@ def test_resume_and_eval_only_take_the_latent_bounds_the_checkpoint_holds(cifar_
         rc = model05.main(args(cifar_bin_dir, out, "--eval-only", "--checkpoint", str(checkpoint), *flags, *extra))
         return rc and (rc, capsys.readouterr().err) or (
             json.loads((out / "model05_logistic_results.json").read_text())["latent_bounds"], set(used))
-    assert evaluate(ckpt) == ("joint", {"joint"})  # the flag's default is shift
+    assert evaluate(ckpt) == ("joint", {"joint"})
     blob = torch.load(ckpt, weights_only=False)
     del blob["config"]["latent_bounds"]  # as the shipped checkpoints of chapter 5, written before the flag
     torch.save(blob, tmp_path / "older.pt")

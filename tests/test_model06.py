@@ -146,7 +146,7 @@ def test_the_bound_catches_model05s_separately_clamped_posterior():
     """The check above fails for model05's parametrisation: there the posterior's log-std, the prior's plus a
     shift, each clamped to +-5 on its own, reaches 10."""
     prior_out, posterior_out = torch.full((1, 4, 4, 4), 1e3), torch.full((1, 4, 4, 4), 1e3)
-    _, qz = model05.TopDownBlock(8, 8, 2).latent(prior_out, posterior_out)
+    _, qz = model05.TopDownBlock(8, 8, 2, bounds="shift").latent(prior_out, posterior_out)
     assert qz.stddev.log().max() > 2 * model05.LATENT_LOG_SIGMA_BOUND - 1e-3 > B
     _, qz = model06.TopDownBlock(8, 4, 2, kernel=3, scale=1.0).latent(prior_out, posterior_out)
     assert qz.stddev.log().max() <= B + 1e-5

@@ -201,3 +201,30 @@ def test_a_runs_weights_are_its_results_count_or_its_checkpoints():
     runs = dict(results.shipped())
     both = [name for name, r in runs.items() if "parameters" in r]
     assert both and all(results.weights(name, {}) == runs[name]["parameters"] for name in both)
+
+
+def test_reproduce_runs_each_shipped_run_with_the_flags_that_trained_it():
+    """reproduce.py's command for each run, parsed by its script, gives the config its shipped checkpoint holds (a
+    default that moved since a run, e.g. model05's --latent-bounds, must be named in its flags), and every shipped
+    run is in reproduce.py."""
+    import importlib
+
+    import torch
+
+    import reproduce
+    from experiment import RESUMABLE_CHANGES
+    assert {name for name, _, _ in reproduce.RUNS} == {name for name, _ in results.shipped()}
+    for name, script, flags in reproduce.RUNS:
+        module = importlib.import_module(script[:-3])
+        args = vars(module.parser().parse_args(flags))
+        blob = torch.load(os.path.join(results.ASSETS, f"{name}_checkpoint.pt"), map_location="cpu",
+                          weights_only=False)
+        config = {**getattr(module, "OLDER_CHECKPOINTS", {}), **blob["config"]}
+        differ = {k: (v, config[k]) for k, v in args.items()
+                  if k in config and k not in RESUMABLE_CHANGES and as_list(v) != as_list(config[k])}
+        assert not differ, f"reproduce.py's {name}: (its flags give, the checkpoint holds) {differ}"
+
+
+def as_list(v):
+    """A flag's value as a list, so that nargs flags (lists) and their defaults (tuples) compare."""
+    return list(v) if isinstance(v, (list, tuple)) else [v]
