@@ -12,9 +12,9 @@ after the last layer, which carries every z (as in VDVAE and NVAE), so p(x|z) is
 The observation model is model03's logistic (`--obs logistic`, its variance bound, `--unbounded`) or
 model04's mixture (`--obs mixture`, the default), imported from those chapters' scripts: only the latents change.
 The hierarchy's interface (the top-down pass, the log-weight parts per layer) is common.HierarchicalVAE.
-The latents' scales are soft-clamped (`--latent-bounds`): `shift`, the default and the shipped runs', bounds the
-prior's log-std and the posterior's shift of it to +-5 each, so the posterior's can reach 10 and, rarely, rule a
-run's rate; `joint` bounds them as chapter 6 does (`joint_latents`).
+The latents' scales are soft-clamped (`--latent-bounds`): `joint`, the default, bounds them as chapter 6 does
+(`joint_latents`); `shift`, the first runs' (the shipped logistic's), bounds the prior's log-std and the posterior's
+shift of it to +-5 each, so the posterior's can reach 10 and, rarely, rule a run's rate.
 
     objective:  L_k(x) = E log (1/k) sum_j w_j,
                 log w = log p(x|z) + sum_i [log p(z_i|z_>i) - log q(z_i|z_>i, x)],  z ~ q, drawn top to bottom
@@ -46,7 +46,7 @@ EPOCHS = 50
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
-LATENT_BOUNDS = "shift"  # how p(z_i|z_>i) and q(z_i|z_>i, x) are bounded (--latent-bounds; LATENTS below)
+LATENT_BOUNDS = "joint"  # how p(z_i|z_>i) and q(z_i|z_>i, x) are bounded (--latent-bounds; LATENTS below)
 LATENT_LOG_SIGMA_BOUND = 5.0  # shift: log-std of p(z_i|z_>i) and the posterior's shift of it: 5 tanh(raw / 5) (NVAE)
 JOINT_LOG_SIGMA_BOUND = 2.0  # joint (chapter 6's): B, log-std of p and of q = 2 tanh(raw / 2)
 JOINT_MEAN_BOUND = 5.0  # joint: M, their means = 5 tanh(raw / 5), as NVAE's soft_clamp5 (shift: none)
@@ -206,10 +206,10 @@ def parser():
     p.add_argument("--components", type=experiment.positive_int, default=NUM_COMPONENTS,
                    help="--obs mixture only: mixture components per pixel")
     p.add_argument("--latent-bounds", choices=sorted(LATENTS), default=LATENT_BOUNDS,
-                   help="shift: the prior's log-std and the posterior's shift of it each within +-5, means free (the "
-                        "shipped runs); joint: chapter 6's, means within +-5 and both log-stds within +-2, the "
-                        "posterior's bounded as a whole. --resume and --eval-only take the checkpoint's (shift for a "
-                        "checkpoint older than this flag)")
+                   help="joint: chapter 6's, means within +-5 and both log-stds within +-2, the posterior's bounded "
+                        "as a whole; shift: the prior's log-std and the posterior's shift of it each within +-5, means "
+                        "free (the first runs', the shipped logistic's). --resume and --eval-only take the "
+                        "checkpoint's (shift for a checkpoint older than this flag)")
     return p
 
 

@@ -407,7 +407,16 @@ def render_rare_draws():
                      f"the S = {c['eval_samples']} estimate "
                      + (f"is unmoved (re-evaluations table): such a draw carries no weight among {c['eval_samples']} "
                         f"samples." if same else "moves (re-evaluations table)."))
-    return "\n\n".join(lines) or "No shipped run's rate is ruled by a rare draw."
+    if lines:
+        return "\n\n".join(lines)
+    worst = {name: max(hi / max(mid, UNUSED_LAYER_NATS) for hi, mid in
+                       zip(r["test_balance"]["rate_per_layer_max_nats"], r["test_balance"]["rate_per_layer_median_nats"]))
+             for name, r in shipped() if "rate_per_layer_max_nats" in r.get("test_balance", {})}
+    if not worst:
+        return "No shipped run's rate is ruled by a rare draw."
+    return (f"No shipped run's rate is ruled by a rare draw: every layer's largest one-sample rate over the test images "
+            f"is within {max(worst.values()):.1f} times its median, in each run whose results record it ("
+            + ", ".join(f"`{name}` {ratio:.1f}" for name, ratio in worst.items()) + ").")
 
 
 GUARD_LOG = os.path.join("assets", "model04_no_ratio_guard_log.txt")  # model04's first run, before the ratio guard

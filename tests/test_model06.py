@@ -117,7 +117,7 @@ def test_the_top_down_state_keeps_its_scale_with_depth():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Latent scales that stay sane (a rare draw rules model05's mixture run: a mean bottom-layer rate of 1.3e7 nats)
+# Latent scales that stay sane (a rare draw ruled model05's first mixture run: a mean bottom-layer rate of 1.3e7 nats)
 # ---------------------------------------------------------------------------------------------------
 def extreme_outputs(latent_channels, size, value=1e3, seed=0):
     """Raw head outputs of +-value, every sign pattern over the units: (N, 2Z, size, size) for prior and posterior."""

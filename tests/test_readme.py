@@ -161,6 +161,13 @@ def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatc
     ordinary = dict(run, test_balance=check["test_balance"])
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", ordinary)])
     assert rendering.render_rare_draws() == "No shipped run's rate is ruled by a rare draw."
+    recorded = dict(check["test_balance"], rate_per_layer_max_nats=[150.0, 950.0],
+                    rate_per_layer_median_nats=[100.0, 0.5])  # a layer below 1 nat is judged against 1 nat
+    monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=recorded)),
+                                                       ("model06_mixture", ordinary)])
+    assert rendering.render_rare_draws() == (
+        "No shipped run's rate is ruled by a rare draw: every layer's largest one-sample rate over the test images is "
+        "within 950.0 times its median, in each run whose results record it (`model05_mixture` 950.0).")
 
 
 def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
