@@ -1,7 +1,10 @@
 """README.md against the results files: every rendered block (rendering.py) is what the files say, every shipped
 run is in it, and every extra --eval-only file is of the shipped checkpoint it claims to re-evaluate."""
+import json
 import os
 import re
+
+import pytest
 
 import rendering
 import results
@@ -164,10 +167,12 @@ def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatc
     recorded = dict(check["test_balance"], rate_per_layer_max_nats=[150.0, 950.0],
                     rate_per_layer_median_nats=[100.0, 0.5])  # a layer below 1 nat is judged against 1 nat
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=recorded)),
-                                                       ("model06_mixture", ordinary)])
+                                                       ("model06_mixture", dict(run, test_balance=dict(
+                                                           recorded, rate_per_layer_max_nats=[9e3, 1.0])))])
     assert rendering.render_rare_draws() == (
         "No shipped run's rate is ruled by a rare draw: every layer's largest one-sample rate over the test images is "
-        "within 950.0 times its median, in each run whose results record it (`model05_mixture` 950.0).")
+        "within 950.0 times its median, in each run before chapter 6 whose results record it (`model05_mixture` 950.0; "
+        "chapter 6's runs: its latents table).")
 
 
 def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
@@ -175,7 +180,24 @@ def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatc
     monkeypatch.setattr(rendering, "draw_colour_curves", lambda: written.append("curves") or 0)
     monkeypatch.setattr(rendering, "render_readme", lambda text: written.append("readme") or text)
     assert rendering.main(["--summary", "--runs", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]) == 2
-    assert written == [] and "error:" in capsys.readouterr().err
+    assert written == [] and "holds no finished colour run" in capsys.readouterr().err
+
+
+def test_a_summary_of_your_own_runs_draws_them_with_their_own_numbers(cifar_bin_dir, tmp_path, monkeypatch):
+    import evaluation
+    import model03
+    runs = tmp_path / "runs"
+    assert model03.main(["--data-dir", str(cifar_bin_dir), "--out-dir", str(runs), "--eval-samples", "2",
+                         "--eval-limit", "6", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+                         "--no-download", "--no-compile"]) == 0
+    results = runs / "model03_results.json"
+    results.write_text(json.dumps(dict(json.loads(results.read_text()), test_bpd=1.234)))  # not the shipped number
+    drawn = []
+    monkeypatch.setattr(evaluation, "save_labelled_grid", lambda rows, names, titles, out: drawn.append(names))
+    monkeypatch.setattr(rendering, "draw_colour_curves", lambda: pytest.fail("your runs must leave assets/ alone"))
+    out = tmp_path / "summary.png"
+    assert rendering.main(["--summary", "--runs", str(runs), "--out", str(out), "--data-dir", str(cifar_bin_dir)]) == 0
+    assert drawn == [[f"{rendering.label('model03')}: 1.23 bits/dim"]]
 
 
 def test_the_guard_history_is_read_from_the_log(tmp_path, monkeypatch):
