@@ -508,7 +508,7 @@ TABLES = {
     "model01": render_model01,
     "numbers_ch2": lambda: render_numbers(["model02", "model02_unbounded", "model02_unbounded_dequantized"]),
     "numbers_ch3": lambda: render_numbers(["model03", "model03_unbounded"]),
-    "numbers_ch4": lambda: render_numbers(["model03_unbounded", "model04"]),
+    "numbers_ch4": lambda: render_numbers(["model04"]),
     "numbers_ab": render_ablations,
     "numbers_ch5": lambda: render_numbers(["model05_logistic_unbounded", "model05_mixture"]),
     "numbers_ch6": lambda: render_numbers(CH6_RUNS),
