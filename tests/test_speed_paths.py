@@ -117,6 +117,23 @@ def test_unavailable_compiler_falls_back_with_one_warning(capsys):
     assert "Traceback" not in err and "--no-compile" in err
 
 
+def test_a_fall_back_gives_the_numbers_eager_gives(capsys):
+    # a backend that draws from the generator before it fails (as a compiled graph with random ops that cannot
+    # load its kernel) must not shift the draws of the eager call that replaces it: a resumed run would differ
+    def draws_then_fails(t):
+        torch.rand(5)
+        raise RuntimeError("the compiled kernel did not load")
+
+    fn = lambda t: t + torch.rand(3)
+    wrapped = devices.Compiled(fn, True, "a path that draws")
+    wrapped.compiled_fn = draws_then_fails
+    torch.manual_seed(3)
+    expected = fn(torch.zeros(3))
+    torch.manual_seed(3)
+    assert torch.equal(wrapped(torch.zeros(3)), expected)
+    assert "not available for a path that draws" in capsys.readouterr().err
+
+
 def test_after_a_first_good_call_errors_are_raised_not_hidden_by_a_fall_back(capsys):
     calls = [0]
 
