@@ -31,17 +31,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
 
 
-def _rng_states():
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def _set_rng_states(states):
-    cpu, cuda = states
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
-
-
 class Compiled:
     """`fn` under torch.compile (static shapes), or `fn` itself if `enabled` is False. If compilation fails
     here (no C++ compiler, an unsupported platform or Python), one warning and then `fn` eagerly: the same
@@ -70,7 +59,8 @@ class Compiled:
             return self.fn(*args, **kwargs)
         if self.proven:  # compiled once: any later error is the program's, not the compiler's
             return self.compiled_fn(*args, **kwargs)
-        rng = _rng_states()  # a failed first call may have drawn from the generators: eager starts where it did
+        # a failed first call may have drawn from the generators: eager starts where it did
+        rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         try:
             out = self.compiled_fn(*args, **kwargs)
         except torch.cuda.OutOfMemoryError:
@@ -79,7 +69,9 @@ class Compiled:
             if "CUDA" in str(err):  # a device error, which eager would meet too
                 raise
             self._fall_back(err)
-            _set_rng_states(rng)
+            torch.set_rng_state(rng_cpu)
+            if rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda)
             return self.fn(*args, **kwargs)
         self.proven = True
         return out
