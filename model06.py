@@ -21,9 +21,9 @@ soft clamps, KL terms), which read and write more than they compute. The observa
 logistic (`--obs logistic`, its variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default;
 `--components`), imported from those chapters' scripts.
 
-Latent scales that stay sane. A rare draw rules model05's mixture run: its results give the bottom layer a mean rate
-of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is the prior's plus a shift, each
-soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
+Latent scales that stay sane. A rare draw ruled model05's first mixture run (`--latent-bounds shift`): its results
+gave the bottom layer a mean rate of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is
+the prior's plus a shift, each soft-clamped to +-5 on its own, so it can reach 10. Here, as VDVAE and NVAE do:
   - the last convolution of the prior's head starts at zero, so every p starts as N(0, I); the last convolutions of
     the posterior's head and of each residual branch, and z's projection into the state, start scaled by
     1/sqrt(number of residual branches), with zero biases, so that q starts near p and the state's variance does
