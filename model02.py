@@ -34,6 +34,8 @@ Run:  python model02.py --data-dir DIR   (bounded)
 It writes runs/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
 model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
 with --beta).
+It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
+standard error.
 """
 import math
 

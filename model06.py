@@ -46,6 +46,8 @@ model06_mixture_results.json and model06_mixture_checkpoint.pt (model06_logistic
 As model05's, model06_*_layers.png shows what each layer encodes: each row keeps one draw of the top layers from the
 prior and resamples the layers below it. model06_*_temperatures.png shows samples from the prior with every layer's
 standard deviation scaled by a temperature t <= 1 (evaluation.TEMPERATURES, VDVAE's).
+It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
+standard error.
 """
 import math
 
