@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -262,23 +263,6 @@ class SkipGuard:
 # ---------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's wall-time kill, `kill PID`; background jobs ignore Ctrl-C's SIGINT) stops
-    training as Ctrl-C does: checkpoint, then exit. Off the main thread it does nothing."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def now():
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
@@ -340,9 +324,9 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
     tensor on the model's device (no DataLoader); `guard` (a SkipGuard) decides on the device which steps are
     taken, and the host reads its decisions and the losses every `read_every` steps (default: every step on a CPU,
     every plan.log_every on a GPU, so that the GPU never waits for the host). Checkpoints: every
-    plan.checkpoint_minutes, at the end, at the time limit, on Ctrl-C and SIGTERM; `state` resumes exactly (the
-    epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs after every epoch and its tuple
-    goes into state.test_curve. The sitting is recorded in state.segments.
+    plan.checkpoint_minutes, at the end, at the time limit, after the step under way on Ctrl-C or SIGTERM (_Stop);
+    `state` resumes exactly (the epoch's order, the position in it, the RNG). `epoch_end(model)`, if given, runs
+    after every epoch and its tuple goes into state.test_curve. The sitting is recorded in state.segments.
 
     Under torchrun every rank runs this loop on its part of each batch, with the same state; the ranks agree on
     stopping (time limit, Ctrl-C, SIGTERM) when the host reads, and only rank 0 writes and shows progress."""
@@ -387,8 +371,12 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
                     model.train()
                 if read:  # every rank at the same steps: a save reads the guard, which may stop the run
                     checkpoint.every(plan.checkpoint_minutes)
-    except KeyboardInterrupt:
-        stop.asked = True
+    except KeyboardInterrupt:  # a second signal: a step may be half done, so no checkpoint of it
+        log.close()
+        raise UserError(f"Stopped at once during step {state.step + 1}, without writing a checkpoint: "
+                        + (f"{sitting.ckpt_path} holds step {checkpoint.saved_step}. Continue with the same command "
+                           f"and --resume." if checkpoint.saved_step is not None else
+                           "this sitting wrote none (--resume continues from the previous sitting's, if any)."))
     checkpoint()
     log.close()
     if stop.asked:
@@ -398,9 +386,11 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
 
 
 class _Stop:
-    """When training stops early: at the deadline, or when Ctrl-C or SIGTERM asks. With one process a signal stops it
-    at once (KeyboardInterrupt); with several, a signal is noted, and at each `check` (when the host reads) every
-    rank learns whether any rank has passed its deadline or been asked, so that all stop after the same step."""
+    """When training stops early: at the deadline, or when Ctrl-C or SIGTERM asks. A signal is noted, and training
+    stops after the step under way, so that the checkpoint holds whole steps and resumes exactly; with one process a
+    second signal stops it at once (KeyboardInterrupt, no checkpoint). With several, at each `check` (when the host
+    reads) every rank learns whether any rank has passed its deadline or been asked, so that all stop after the same
+    step."""
 
     def __init__(self, deadline, device):
         self.deadline, self.device, self.asked, self.agreed = deadline, device, False, False
@@ -408,6 +398,7 @@ class _Stop:
 
     def now(self):
         if world_size() == 1:
+            self.asked = self.asked or self.signalled
             return self.asked or time.time() >= self.deadline
         return self.agreed
 
@@ -418,12 +409,14 @@ class _Stop:
 
     @contextlib.contextmanager
     def on_signals(self):
-        if world_size() == 1:
-            with sigterm_as_interrupt():
-                yield
-            return
-
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler's wall-time kill, `kill PID`; background jobs ignore Ctrl-C)
+        ask training to stop. Off the main thread it does nothing."""
         def note(signum, frame):
+            if world_size() == 1:
+                if self.signalled:
+                    raise KeyboardInterrupt
+                print("\nStopping after this step, with a checkpoint (a second Ctrl-C stops at once, without one).",
+                      file=sys.stderr)
             self.signalled = True
         try:
             previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -470,6 +463,7 @@ class _Checkpointer:
         """`before()` runs before each save (it brings the host's record of the steps up to date)."""
         self.state, self.sitting, self.model, self.optimizer, self.before = state, sitting, model, optimizer, before
         self.t_start = self.last_save = time.time()
+        self.saved_step = None  # the step of this sitting's last checkpoint
         self.t0 = self.t_start - state.train_seconds
         self.segment = {"start": now(), "end": None, "first_step": state.step, "last_step": state.step,
                         "seconds": 0.0, "hardware": sitting.hardware, "command": sitting.command}
@@ -483,6 +477,7 @@ class _Checkpointer:
         self.segment.update(end=now(), last_step=self.state.step, seconds=round(t - self.t_start, 1))
         if is_main():  # every rank holds the same weights and state
             save_checkpoint(self.sitting.ckpt_path, self.model, self.optimizer, self.state, self.sitting.config)
+        self.saved_step = self.state.step
 
     def every(self, minutes):
         due = time.time() - self.last_save > 60 * minutes

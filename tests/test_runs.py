@@ -208,3 +208,53 @@ def test_sigterm_stops_training_with_a_checkpoint(mnist_dir, tmp_path):
     assert proc.returncode == 2, err
     assert "Interrupted at step" in err and "Traceback" not in err
     assert torch.load(out / "model01_checkpoint.pt", weights_only=False)["state"]["step"] > 0
+
+
+def test_a_signal_in_the_middle_of_a_step_stops_after_it_and_the_run_resumes_exactly(mnist_dir, tmp_path,
+                                                                                     monkeypatch):
+    """SIGTERM (or Ctrl-C) that lands while a step is under way (here: after its loss drew z, before Adam's
+    update) stops training after that step, so the checkpoint holds whole steps and the RNG as they left it: the
+    resumed run ends where an uninterrupted one does."""
+    import os
+    import signal
+    original, calls = training.train_step, []
+
+    def step_signalled_at_3(model, optimizer, loss_fn, *rest):
+        def loss(x):
+            out = loss_fn(x)
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return original(model, optimizer, loss, *rest)
+
+    assert model01.main(mnist_args(mnist_dir, tmp_path / "a", "--max-steps", "6")) == 0
+    monkeypatch.setattr(training, "train_step", step_signalled_at_3)
+    assert model01.main(mnist_args(mnist_dir, tmp_path / "b", "--max-steps", "6")) == 2  # interrupted
+    b = torch.load(tmp_path / "b" / "model01_checkpoint.pt", weights_only=False)
+    assert b["state"]["step"] == 3
+    monkeypatch.setattr(training, "train_step", original)
+    assert model01.main(mnist_args(mnist_dir, tmp_path / "b", "--max-steps", "6", "--resume")) == 0
+    a = torch.load(tmp_path / "a" / "model01_checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "model01_checkpoint.pt", weights_only=False)
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint_of_a_half_done_step(mnist_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import os
+    import signal
+    original = training.train_step
+
+    def step_signalled_twice(model, optimizer, loss_fn, *rest):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # the second: raised here, before this step's update
+        return original(model, optimizer, loss_fn, *rest)
+
+    monkeypatch.setattr(training, "train_step", step_signalled_twice)
+    assert model01.main(mnist_args(mnist_dir, tmp_path, "--max-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "Stopped at once during step 1, without writing a checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "model01_checkpoint.pt").exists()
