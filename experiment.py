@@ -255,6 +255,7 @@ def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkp
     _make_out_dir(args.out_dir)
     args.eval_max_rows = evaluation_rows(args, device)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
+    _refuse_to_write_shipped(args, ckpt_path)
     blob = None
     if args.eval_only or args.resume:
         blob = load_checkpoint(ckpt_path, device)
@@ -288,12 +289,19 @@ def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkp
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the reference runs the README reads
 
 
+def _refuse_to_write_shipped(args, ckpt_path):
+    """Without --overwrite nothing is written into assets/, where the shipped reference runs are: neither results
+    and grids (--out-dir) nor, unless the run only evaluates, a checkpoint (--checkpoint)."""
+    folders = [args.out_dir] + ([] if args.eval_only else [os.path.dirname(ckpt_path) or "."])
+    shipped = [f for f in folders if os.path.abspath(f) == SHIPPED]
+    if shipped and not args.overwrite:
+        raise UserError(f"{shipped[0]} holds the shipped reference runs, which the README reads. Write your own run "
+                        f"elsewhere (the default --out-dir is runs/), or pass --overwrite to replace them.")
+
+
 def _refuse_to_replace(ckpt_path, device, data):
     """A fresh run may replace a finished run of the user's own (running a chapter again), never an unfinished one
-    (it would be lost) nor a shipped reference run in assets/ (without --overwrite)."""
-    if os.path.dirname(os.path.abspath(ckpt_path)) == SHIPPED:
-        raise UserError(f"{ckpt_path} is a shipped reference run, which the README reads. Write your own run "
-                        f"elsewhere (the default --out-dir is runs/), or pass --overwrite to replace it.")
+    (it would be lost) without --overwrite."""
     blob = load_checkpoint(ckpt_path, device)
     state, config = blob["state"], blob["config"]
     planned = config["epochs"] * math.ceil(len(data.train) / config["batch_size"])

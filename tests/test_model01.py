@@ -72,10 +72,18 @@ def test_an_unfinished_run_is_never_replaced_and_a_finished_one_is_run_again(mni
 
 def test_a_shipped_reference_run_is_not_replaced(mnist_dir, monkeypatch, tmp_path, capsys):
     import experiment
-    monkeypatch.setattr(experiment, "SHIPPED", str(tmp_path))
-    (tmp_path / "model01_checkpoint.pt").write_bytes(b"stands for a shipped checkpoint")
-    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1")) == 2
-    assert "shipped reference run" in capsys.readouterr().err
+    shipped = tmp_path / "assets"
+    assert model01.main(args(mnist_dir, shipped, "--max-steps", "2")) == 0  # stands for a shipped run
+    before = {f.name: f.read_bytes() for f in shipped.iterdir()}
+    monkeypatch.setattr(experiment, "SHIPPED", str(shipped))
+    for extra in [[], ["--resume"], ["--eval-only"]]:  # a fresh run, one resumed, one evaluated again
+        assert model01.main(args(mnist_dir, shipped, "--max-steps", "2", *extra)) == 2, extra
+        assert "shipped reference run" in capsys.readouterr().err
+    ckpt = str(shipped / "model01_checkpoint.pt")
+    assert model01.main(args(mnist_dir, tmp_path / "mine", "--max-steps", "2", "--resume", "--checkpoint", ckpt)) == 2
+    assert "shipped reference run" in capsys.readouterr().err  # it would train on into that checkpoint
+    assert model01.main(args(mnist_dir, tmp_path / "check", "--eval-only", "--checkpoint", ckpt)) == 0  # reads only
+    assert {f.name: f.read_bytes() for f in shipped.iterdir()} == before
 
 
 def test_eval_only_reproduces_the_number(mnist_dir, tmp_path):
