@@ -163,3 +163,37 @@ def test_bad_flags_are_errors(flag):
     with pytest.raises(SystemExit) as exit_:
         model01.main(flag)
     assert exit_.value.code == 2
+
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "No checkpoint at"),
+    ("other chapter", "was written by model03, not model01"),
+    ("other shape", "The checkpoint does not fit this model"),
+    ("not ours", "It was not written by this project"),
+])
+def test_a_checkpoint_that_cannot_be_used_is_a_one_paragraph_error(mnist_dir, tmp_path, capsys, case, message):
+    assert model01.main(args(mnist_dir, tmp_path / "run", "--max-steps", "1")) == 0
+    blob = torch.load(tmp_path / "run" / "model01_checkpoint.pt", weights_only=False)
+    path = tmp_path / "edited.pt"
+    if case == "other chapter":
+        blob["config"]["model"] = "model03"
+    elif case == "other shape":
+        blob["model"][next(iter(blob["model"]))] = torch.zeros(3, 3)
+    elif case == "not ours":
+        blob = {"model": blob["model"]}
+    if case != "missing":
+        torch.save(blob, path)
+    capsys.readouterr()
+    assert model01.main(args(mnist_dir, tmp_path / "eval", "--eval-only", "--checkpoint", str(path))) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [line.startswith("error:") for line in err.strip().splitlines()] == [True]  # one paragraph
+
+
+def test_asking_for_a_gpu_where_there_is_none_is_a_clear_error(mnist_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "1", "--device", "cuda")) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA GPU here" in err
+    assert [line.startswith("error:") for line in err.strip().splitlines()] == [True]
