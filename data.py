@@ -158,12 +158,27 @@ def read_cifar10_bin(path):
     return torch.from_numpy(raw.reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32).copy())
 
 
+ARRAY_PICKLE = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}  # all a pickled numpy array names
+
+
 def read_cifar10_py(folder, files):
+    """torchvision's python version: pickles of dicts of numpy arrays, lists and strings. A pickle can run code when
+    it is loaded; these are loaded naming nothing but numpy's array, so a crafted file is refused, never run."""
     import pickle
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in ARRAY_PICKLE:
+                raise DataError(f"Refused to load {path}: a CIFAR-10 batch holds numpy arrays, lists and strings, and "
+                                f"this file names {module}.{name}, which loading it would run. Use the official "
+                                f"files, from a source you trust.")
+            return super().find_class(module, name)
     chunks = []
     for f in files:
-        with open(os.path.join(folder, f), "rb") as fh:
-            chunks.append(pickle.load(fh, encoding="latin1")["data"])
+        path = os.path.join(folder, f)
+        with open(path, "rb") as fh:
+            chunks.append(ArraysOnly(fh, encoding="latin1").load()["data"])
     return torch.from_numpy(np.concatenate(chunks).reshape(-1, 3, 32, 32))
 
 

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,20 @@ def test_cifar10_python_version(tmp_path):
     cifar = data.load_cifar10(str(tmp_path), download=False)
     assert np.array_equal(cifar.test.numpy(), images["test_batch"])
     assert cifar.train.shape == (100, 3, 32, 32)
+
+
+def test_a_cifar10_python_batch_that_would_run_code_is_refused(tmp_path):
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+    write_cifar_py(tmp_path / "cifar-10-batches-py")
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": RunsCode(), "labels": []}, f)
+    with pytest.raises(data.DataError, match="Refused to load .*data_batch_3: .* names \w+\.system"):
+        data.load_cifar10(str(tmp_path), download=False)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_cifar10_truncated_file_is_an_error(tmp_path):
