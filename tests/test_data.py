@@ -72,7 +72,7 @@ def test_a_cifar10_python_batch_that_would_run_code_is_refused(tmp_path):
     write_cifar_py(tmp_path / "cifar-10-batches-py")
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump({"data": RunsCode(), "labels": []}, f)
-    with pytest.raises(data.DataError, match="Refused to load .*data_batch_3: .* names \w+\.system"):
+    with pytest.raises(data.DataError, match=r"Refused to load .*data_batch_3: .* names \w+\.system"):
         data.load_cifar10(str(tmp_path), download=False)
     assert not (tmp_path / "ran").exists()
 
