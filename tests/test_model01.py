@@ -49,7 +49,10 @@ def test_resume_continues_exactly(mnist_dir, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    assert results(tmp_path / "b")["steps"] == 6
+    ra, rb = results(tmp_path / "a"), results(tmp_path / "b")
+    assert rb["steps"] == 6
+    for key in ["test_llh_nats", "test_curve"]:  # what the user reads
+        assert ra[key] == rb[key], key
 
 
 def test_resume_refuses_other_flags(mnist_dir, tmp_path, capsys):
@@ -59,7 +62,7 @@ def test_resume_refuses_other_flags(mnist_dir, tmp_path, capsys):
 
 
 def test_an_unfinished_run_is_never_replaced_and_a_finished_one_is_run_again(mnist_dir, tmp_path, capsys):
-    assert model01.main(args(mnist_dir, tmp_path, "--time-limit", "1e-9")) == 0  # stops after its first step
+    assert model01.main(args(mnist_dir, tmp_path, "--time-limit", "1e-9")) == 0  # stops at once: unfinished, at step 0
     assert model01.main(args(mnist_dir, tmp_path)) == 2
     assert "unfinished run" in capsys.readouterr().err
     assert not (tmp_path / "model01_results.json").exists()
