@@ -419,7 +419,8 @@ class _Stop:
                       file=sys.stderr)
             self.signalled = True
         try:
-            previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)
+                        if signal.getsignal(sig) is not signal.SIG_IGN}  # a job started to ignore one keeps to it
         except ValueError:  # not the main thread
             previous = {}
         try:
