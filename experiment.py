@@ -175,8 +175,13 @@ def cli(run, argv):
         if is_main():  # under torchrun every rank meets the same error: one message
             print(f"error: {err}", file=sys.stderr)
         status = 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly itself): loading, evaluation, grids
+        if is_main():
+            print("\nerror: interrupted. A checkpoint written before is kept: the same command with --resume goes on "
+                  "from it (a finished training's is evaluated again).", file=sys.stderr)
+        status = 130
     finally:
-        end_processes(together=status is not None)
+        end_processes(together=status in (0, 2))
     return status
 
 
@@ -252,10 +257,10 @@ def open_run(args, argv, name, script, build_model, data, adam_eps, older_checkp
     amp = device.type == "cuda" if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     seed_everything(args.seed)  # the same weights on every rank
-    _make_out_dir(args.out_dir)
-    args.eval_max_rows = evaluation_rows(args, device)
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, f"{name}_checkpoint.pt")
     _refuse_to_write_shipped(args, ckpt_path)
+    _make_out_dir(args.out_dir)
+    args.eval_max_rows = evaluation_rows(args, device)
     blob = None
     if args.eval_only or args.resume:
         blob = load_checkpoint(ckpt_path, device)
@@ -290,10 +295,11 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # 
 
 
 def _refuse_to_write_shipped(args, ckpt_path):
-    """Without --overwrite nothing is written into assets/, where the shipped reference runs are: neither results
-    and grids (--out-dir) nor, unless the run only evaluates, a checkpoint (--checkpoint)."""
+    """Without --overwrite nothing is written into assets/ or a folder in it, where the shipped reference runs and
+    their checks are: neither results and grids (--out-dir) nor, unless the run only evaluates, a checkpoint."""
     folders = [args.out_dir] + ([] if args.eval_only else [os.path.dirname(ckpt_path) or "."])
-    shipped = [f for f in folders if os.path.abspath(f) == SHIPPED]
+    home = os.path.realpath(SHIPPED)
+    shipped = [f for f in folders if os.path.commonpath([os.path.realpath(f), home]) == home]  # or a folder in it
     if shipped and not args.overwrite:
         raise UserError(f"{shipped[0]} holds the shipped reference runs, which the README reads. Write your own run "
                         f"elsewhere (the default --out-dir is runs/), or pass --overwrite to replace them.")

@@ -11,6 +11,7 @@ At the end it prints each reproduced number beside the shipped one (the differen
 import argparse
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,17 @@ def list_plan():
     print(f"about {total:.0f} h in all at bench.py's rates (assets/bench.json), plus the checks")
 
 
+def call_through_ctrl_c(command):
+    """Run `command` and wait for it, Ctrl-C included: the terminal sends Ctrl-C to both, the run stops after its
+    step with a checkpoint, and this waits for that (subprocess.call would kill it a quarter of a second later). A
+    handler, not SIG_IGN, since the run would inherit an ignored signal."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_steps(data_dir, time_limit):
     deadline = math.inf if time_limit is None else time.time() + 60 * time_limit
     for name, args, done in plan():
@@ -85,7 +97,7 @@ def run_steps(data_dir, time_limit):
         limit = [] if "--eval-only" in args or time_limit is None else ["--time-limit", f"{left - 2:.0f}"]
         command = [sys.executable, *args, "--data-dir", data_dir, *extra, *limit]
         print("reproduce:", " ".join(command[1:]), flush=True)
-        code = subprocess.call(command)
+        code = call_through_ctrl_c(command)
         if code != 0 or not os.path.exists(done):
             print(f"reproduce: {name} stopped before its end (exit status {code}); run the same command again to "
                   f"go on.")

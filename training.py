@@ -371,18 +371,25 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
                     model.train()
                 if read:  # every rank at the same steps: a save reads the guard, which may stop the run
                     checkpoint.every(plan.checkpoint_minutes)
-    except KeyboardInterrupt:  # a second signal: a step may be half done, so no checkpoint of it
+            stop.after_loop()
+            checkpoint()
+    except KeyboardInterrupt:  # a second signal
         log.close()
-        raise UserError(f"Stopped at once during step {state.step + 1}, without writing a checkpoint: "
-                        + (f"{sitting.ckpt_path} holds step {checkpoint.saved_step}. Continue with the same command "
-                           f"and --resume." if checkpoint.saved_step is not None else
-                           "this sitting wrote none (--resume continues from the previous sitting's, if any)."))
-    checkpoint()
+        raise _stopped_at_once(state, sitting, checkpoint) from None
     log.close()
     if stop.asked:
         raise UserError(f"Interrupted at step {state.step}; saved {sitting.ckpt_path}. Continue with the same "
                         f"command and --resume.")
     return state
+
+
+def _stopped_at_once(state, sitting, checkpoint):
+    """The error for a second signal: a step or a save may have been half done, so nothing more is written."""
+    step = checkpoint.saved_step if checkpoint.saved_step is not None else checkpoint.segment["first_step"]
+    then = (f"{sitting.ckpt_path} holds step {step}: continue from there with the same command and --resume."
+            if step > 0 else "no checkpoint of this run was written: run the same command again to start afresh.")
+    return UserError(f"Stopped at once at step {state.step}, without a checkpoint (a step or a save may have been "
+                     f"under way); {then}")
 
 
 class _Stop:
@@ -402,6 +409,12 @@ class _Stop:
             return self.asked or time.time() >= self.deadline
         return self.agreed
 
+    def after_loop(self):
+        """With one process, a signal that landed during the last step (the loop ended without asking) still stops
+        the run before its evaluation."""
+        if world_size() == 1:
+            self.asked = self.asked or self.signalled
+
     def check(self):
         if world_size() > 1:  # asked on any rank means asked on every rank (the same message and exit status)
             self.asked = any_rank(self.asked or self.signalled, self.device)
@@ -412,12 +425,15 @@ class _Stop:
         """SIGINT (Ctrl-C) and SIGTERM (a scheduler's wall-time kill, `kill PID`; background jobs ignore Ctrl-C)
         ask training to stop. Off the main thread it does nothing."""
         def note(signum, frame):
-            if world_size() == 1:
-                if self.signalled:
-                    raise KeyboardInterrupt
-                print("\nStopping after this step, with a checkpoint (a second Ctrl-C stops at once, without one).",
-                      file=sys.stderr)
+            if world_size() == 1 and self.signalled:
+                raise KeyboardInterrupt  # a second signal: at once
             self.signalled = True
+            if world_size() == 1:
+                try:
+                    print("\nStopping after this step, with a checkpoint (a second Ctrl-C stops at once, without "
+                          "one).", file=sys.stderr)
+                except (OSError, RuntimeError):  # a closed stderr, or a write under way (a reentrant call)
+                    pass
         try:
             previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)
                         if signal.getsignal(sig) is not signal.SIG_IGN}  # a job started to ignore one keeps to it
@@ -427,7 +443,8 @@ class _Stop:
             yield
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                    signal.signal(sig, handler)
 
 
 class _Log:

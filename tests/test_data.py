@@ -63,6 +63,14 @@ def test_cifar10_python_version(tmp_path):
     assert cifar.train.shape == (100, 3, 32, 32)
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_cifar10_python_batch_of_any_pickle_protocol_loads(tmp_path, protocol):
+    x = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    with open(tmp_path / "batch", "wb") as f:
+        pickle.dump({"data": x, "labels": [0] * 4, "batch_label": "b", "filenames": ["f"] * 4}, f, protocol=protocol)
+    assert np.array_equal(data.read_cifar10_py(str(tmp_path), ["batch"]).numpy().reshape(4, -1), x)
+
+
 def test_a_cifar10_python_batch_that_would_run_code_is_refused(tmp_path):
     import os
 

@@ -85,6 +85,8 @@ def test_a_shipped_reference_run_is_not_replaced(mnist_dir, monkeypatch, tmp_pat
     ckpt = str(shipped / "model01_checkpoint.pt")
     assert model01.main(args(mnist_dir, tmp_path / "mine", "--max-steps", "2", "--resume", "--checkpoint", ckpt)) == 2
     assert "shipped reference run" in capsys.readouterr().err  # it would train on into that checkpoint
+    assert model01.main(args(mnist_dir, shipped / "checks", "--eval-only", "--checkpoint", ckpt)) == 2  # nor in it
+    assert "shipped reference run" in capsys.readouterr().err
     assert model01.main(args(mnist_dir, tmp_path / "check", "--eval-only", "--checkpoint", ckpt)) == 0  # reads only
     assert {f.name: f.read_bytes() for f in shipped.iterdir()} == before
 
@@ -200,3 +202,16 @@ def test_asking_for_a_gpu_where_there_is_none_is_a_clear_error(mnist_dir, tmp_pa
     err = capsys.readouterr().err
     assert "torch sees no CUDA GPU here" in err
     assert [line.startswith("error:") for line in err.strip().splitlines()] == [True]
+
+
+def test_ctrl_c_outside_training_is_a_one_paragraph_message(mnist_dir, tmp_path, capsys, monkeypatch):
+    import experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "evaluate_run", interrupted)
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "2")) == 130
+    err = capsys.readouterr().err
+    assert "error: interrupted" in err and "--resume" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert model01.main(args(mnist_dir, tmp_path, "--max-steps", "2", "--resume")) == 0  # the trained run, evaluated

@@ -210,26 +210,31 @@ def test_sigterm_stops_training_with_a_checkpoint(mnist_dir, tmp_path):
     assert torch.load(out / "model01_checkpoint.pt", weights_only=False)["state"]["step"] > 0
 
 
+def step_signalled_at(n):
+    """training.train_step, but the n-th step's loss sends this process SIGTERM after it has drawn z."""
+    import os
+    import signal
+    original, calls = training.train_step, []
+
+    def step(model, optimizer, loss_fn, *rest):
+        def loss(x):
+            out = loss_fn(x)
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return original(model, optimizer, loss, *rest)
+    return step
+
+
 def test_a_signal_in_the_middle_of_a_step_stops_after_it_and_the_run_resumes_exactly(mnist_dir, tmp_path,
                                                                                      monkeypatch):
     """SIGTERM (or Ctrl-C) that lands while a step is under way (here: after its loss drew z, before Adam's
     update) stops training after that step, so the checkpoint holds whole steps and the RNG as they left it: the
     resumed run ends where an uninterrupted one does."""
-    import os
-    import signal
-    original, calls = training.train_step, []
-
-    def step_signalled_at_3(model, optimizer, loss_fn, *rest):
-        def loss(x):
-            out = loss_fn(x)
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        return original(model, optimizer, loss, *rest)
-
+    original = training.train_step
     assert model01.main(mnist_args(mnist_dir, tmp_path / "a", "--max-steps", "6")) == 0
-    monkeypatch.setattr(training, "train_step", step_signalled_at_3)
+    monkeypatch.setattr(training, "train_step", step_signalled_at(3))
     assert model01.main(mnist_args(mnist_dir, tmp_path / "b", "--max-steps", "6")) == 2  # interrupted
     b = torch.load(tmp_path / "b" / "model01_checkpoint.pt", weights_only=False)
     assert b["state"]["step"] == 3
@@ -256,5 +261,37 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint_of_a_half_done_step(
     monkeypatch.setattr(training, "train_step", step_signalled_twice)
     assert model01.main(mnist_args(mnist_dir, tmp_path, "--max-steps", "6")) == 2
     err = capsys.readouterr().err
-    assert "Stopped at once during step 1, without writing a checkpoint" in err and "Traceback" not in err
+    assert "Stopped at once at step 0, without a checkpoint" in err and "Traceback" not in err
+    assert "no checkpoint of this run was written" in err
     assert not (tmp_path / "model01_checkpoint.pt").exists()
+
+
+def test_a_signal_during_the_last_step_stops_the_run_before_its_evaluation(mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "train_step", step_signalled_at(3))
+    assert model01.main(mnist_args(mnist_dir, tmp_path, "--max-steps", "3")) == 2
+    assert "Interrupted at step 3" in capsys.readouterr().err
+    assert not (tmp_path / "model01_results.json").exists()
+
+
+def test_reproduce_waits_for_a_run_that_ctrl_c_stops_cleanly(tmp_path):
+    """The terminal sends Ctrl-C to reproduce.py and to its run; the run takes a moment to checkpoint, and
+    reproduce.py waits for it instead of killing it (subprocess.call alone kills it after 0.25 s)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+    import reproduce
+    pid_file = tmp_path / "pid"
+    child = ("import os, signal, sys, time\n"
+             "signal.signal(signal.SIGINT, lambda *a: (time.sleep(1), sys.exit(3)))\n"
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+             "time.sleep(60)\n")
+
+    def ctrl_c():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        os.kill(int(pid_file.read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    assert reproduce.call_through_ctrl_c([sys.executable, "-c", child]) == 3  # its own exit, not SIGKILL's -9
