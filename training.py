@@ -371,7 +371,7 @@ def train(model, optimizer, loss, data, state, plan, sitting, guard=None, epoch_
                     model.train()
                 if read:  # every rank at the same steps: a save reads the guard, which may stop the run
                     checkpoint.every(plan.checkpoint_minutes)
-            stop.after_loop()
+            stop.take_signal()  # one that landed during the last step stops the run before its evaluation
             checkpoint()
     except KeyboardInterrupt:  # a second signal
         log.close()
@@ -405,13 +405,12 @@ class _Stop:
 
     def now(self):
         if world_size() == 1:
-            self.asked = self.asked or self.signalled
+            self.take_signal()
             return self.asked or time.time() >= self.deadline
         return self.agreed
 
-    def after_loop(self):
-        """With one process, a signal that landed during the last step (the loop ended without asking) still stops
-        the run before its evaluation."""
+    def take_signal(self):
+        """With one process, a signal noted so far asks to stop (with several, `check` decides it for all)."""
         if world_size() == 1:
             self.asked = self.asked or self.signalled
 
