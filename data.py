@@ -158,9 +158,10 @@ def read_cifar10_bin(path):
     return torch.from_numpy(raw.reshape(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32).copy())
 
 
-ARRAY_PICKLE = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # what a numpy array names
-                *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
-                  for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer")))}
+ARRAY_PICKLE = {  # all that a pickled numpy array names, by pickle protocols 0 to 5 and numpy 1 (core) or 2 (_core)
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
 
 def read_cifar10_py(folder, files):

@@ -170,7 +170,6 @@ def test_bad_flags_are_errors(flag):
     assert exit_.value.code == 2
 
 
-
 @pytest.mark.parametrize("case, message", [
     ("missing", "No checkpoint at"),
     ("other chapter", "was written by model03, not model01"),
