@@ -86,6 +86,15 @@ def save_checkpoint(path, model, optimizer, state, config):
     os.replace(tmp, path)
 
 
+def _torch_reason(err):
+    """torch.load's error in one line: of a weights_only failure, the paragraph that says what it met (not the
+    preamble on how the default changed and the advice to turn it off, which this project never takes)."""
+    torch_says = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    paragraphs = [p for p in (" ".join(p.split()) for p in str(err).split("\n\n")) if p]
+    met = [p for p in paragraphs if not p.startswith(torch_says)]
+    return (met[0] if met else " ".join(paragraphs))[:200]
+
+
 def load_checkpoint(path, device):
     """The checkpoint at path, read with weights_only=True: tensors and plain Python values only, so that a crafted
     file cannot run code when it is loaded (a pickle can; torch refuses anything else and so does this)."""
@@ -94,17 +103,13 @@ def load_checkpoint(path, device):
                         f"the path of a checkpoint this script wrote.")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" not in str(err).lower():  # torch names the global it refused; anything else is a damaged file
-            raise UserError(f"Cannot read the checkpoint {path} (UnpicklingError: {err}). It is damaged or was not "
-                            f"written by this project; delete it and train again, or point --checkpoint at another "
-                            f"file.") from None
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"Refused to load {path}: it holds more than tensors and plain values ({reason}), and loading "
-                        f"it could run code, so nothing in it was run. This project's checkpoints never hold such "
-                        f"things: use a checkpoint this project wrote, from a source you trust.") from None
     except Exception as err:
-        raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {err}). It is damaged or was "
+        reason = _torch_reason(err)
+        if isinstance(err, pickle.UnpicklingError) and "global" in reason.lower():  # torch names what it refused
+            raise UserError(f"Refused to load {path}: it holds more than tensors and plain values ({reason}), and "
+                            f"loading it could run code, so nothing in it was run. This project's checkpoints never "
+                            f"hold such things: use a checkpoint this project wrote, from a source you trust.") from None
+        raise UserError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {reason}). It is damaged or was "
                         f"not written by this project; delete it and train again, or point --checkpoint "
                         f"at another file.") from None
     try:

@@ -108,6 +108,7 @@ def test_unreadable_checkpoint_is_a_clear_error(mnist_dir, tmp_path, capsys):
     assert model01.main(args(mnist_dir, tmp_path, "--eval-only", "--checkpoint", str(bad))) == 2
     err = capsys.readouterr().err
     assert "Cannot read the checkpoint" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "set to `False`" not in err  # one paragraph, not torch's advice
 
 
 class RunsCode:
