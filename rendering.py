@@ -311,21 +311,24 @@ def render_cost_ch6():
     new, old = rows["model06"], rows["model05"]
     use = {name: bench.utilization(r["train"]["images_per_s"], r["train"]["flops_per_image"], r["train"]["matmul_flops"])
            for name, r in (("model05", old), ("model06", new))}  # of training
-    return (f"What the extra layers cost: {new['train']['flops_per_image'] / old['train']['flops_per_image']:.1f} "
-            f"times model05's FLOPs per training image, but {old['train']['images_per_s'] / new['train']['images_per_s']:.1f} "
-            f"times its time, and {old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time per "
-            f"evaluation pair (`bench.py`, both in one process): training runs at {use['model06']:.0%} of the "
-            f"FLOP rate of a matmul on the same cores, model05's at {use['model05']:.0%}.")
+    flops = new["train"]["flops_per_image"] / old["train"]["flops_per_image"]
+    time = old["train"]["images_per_s"] / new["train"]["images_per_s"]
+    return (f"What the extra layers cost: {flops:.1f} times model05's FLOPs per training image "
+            f"{'but' if round(time, 1) > round(flops, 1) else 'and'} {time:.1f} times its time, "
+            f"{old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time per evaluation pair "
+            f"(`bench.py`, both in one process): training runs at {use['model06']:.0%} of the FLOP rate of a matmul "
+            f"on the same cores, model05's at {use['model05']:.0%}.")
 
 
 TRAIN_IMAGES = {"model01": 60000}  # MNIST; the colour chapters train on CIFAR-10's 50000
 TEST_IMAGES = 10000
 
 
-def default_hours(chapter, row):
-    """(training hours, evaluation minutes) of a chapter's default run at bench.py's steady-state rates."""
+def default_hours(chapter, row, flags=()):
+    """(training hours, evaluation minutes) of a chapter's run at bench.py's steady-state rates for its default model:
+    the default run's, or with flags (a variant's) its epochs and samples."""
     import importlib
-    args = importlib.import_module(chapter).parser().parse_args([])
+    args = importlib.import_module(chapter).parser().parse_args(list(flags))
     train_h = args.epochs * TRAIN_IMAGES.get(chapter, 50000) / row["train"]["images_per_s"] / 3600
     return args, train_h, TEST_IMAGES * args.eval_samples / row["eval"]["pairs_per_s"] / 60
 
@@ -343,7 +346,7 @@ def render_defaults():
             lines.append(f"| `python {r['chapter']}.py` | {args.epochs} | {args.batch_size} | {train_h:.1f} h | "
                          f"{args.eval_samples} | {eval_min:.0f} min |")
     import reproduce
-    hours = {name: reproduce.hours(script) for name, script, _ in reproduce.RUNS}
+    hours = {name: reproduce.hours(script, flags) for name, script, flags in reproduce.RUNS}
     total = sum(sum(h) for h in hours.values() if h)
     missing = [name for name, h in hours.items() if h is None]
     unmeasured = f" for the {len(hours) - len(missing)} whose script bench.py has measured" if missing else ""

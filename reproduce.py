@@ -39,13 +39,14 @@ RUNS = [  # (results name, script, flags): the story's runs, each with the scrip
 ]
 
 
-def hours(script):
-    """(training hours, evaluation hours) of the script's default run at the rates of the shipped bench.py table."""
+def hours(script, flags=()):
+    """(training hours, evaluation hours) of the script's run with flags (its epochs and samples) at the rates of the
+    shipped bench.py table for the script's default model."""
     b = results.load_bench()
     row = next((r for r in (b or {}).get("rows", []) if r["chapter"] == script[:-3] and r["path"] == "optimized"), None)
     if row is None:
         return None
-    _, train_h, eval_min = rendering.default_hours(script[:-3], row)
+    _, train_h, eval_min = rendering.default_hours(script[:-3], row, flags)
     return train_h, eval_min / 60
 
 
@@ -65,7 +66,7 @@ def plan():
 def list_plan():
     total = 0.0
     for name, script, flags in RUNS:
-        h = hours(script)
+        h = hours(script, flags)
         text = "no bench.py rate" if h is None else f"{h[0]:.1f} h training + {h[1] * 60:.0f} min evaluation at the default model's rate"
         total += sum(h) if h else 0
         print(f"{name:32s} python {' '.join([script, *flags])}   ({text}; its check about the evaluation's time again)")

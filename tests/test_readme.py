@@ -128,9 +128,12 @@ def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
     bench = {"rows": [row("model05", 300.0, 3e8, 1000.0), row("model06", 200.0, 3.3e8, 500.0)]}
     monkeypatch.setattr(rendering, "load_bench", lambda: bench)
     assert rendering.render_cost_ch6() == (
-        "What the extra layers cost: 1.1 times model05's FLOPs per training image, but 1.5 times its time, and 2.0 "
-        "times its time per evaluation pair (`bench.py`, both in one process): training runs at 66% of the FLOP rate "
-        "of a matmul on the same cores, model05's at 90%.")
+        "What the extra layers cost: 1.1 times model05's FLOPs per training image but 1.5 times its time, 2.0 times "
+        "its time per evaluation pair (`bench.py`, both in one process): training runs at 66% of the FLOP rate of a "
+        "matmul on the same cores, model05's at 90%.")
+    bench["rows"][1] = row("model06", 150.0, 6e8, 500.0)  # twice the FLOPs in twice the time: no "but"
+    assert rendering.render_cost_ch6().startswith(
+        "What the extra layers cost: 2.0 times model05's FLOPs per training image and 2.0 times its time, ")
     monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
     assert "not measured yet" in rendering.render_cost_ch6()
 
