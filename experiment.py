@@ -214,8 +214,9 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, ada
     (and `extra_grids(model, out_dir, name, eval_pmf)`, if given) and results. eval_pmf: score the probability of
     the 8-bit values and report bits/dim (the colour chapters). `objective`: (a function of the model that returns
     its training loss of a batch, a line that names it for the results); default minus the IWAE bound with --k
-    samples. `older_checkpoints`: flags that change the model but neither its weights' shapes nor the run's name,
-    each with the value that checkpoints written before the flag existed were built with (open_run). Returns the
+    samples. `older_checkpoints`: flags that change the model but not the run's name, each with the value that
+    checkpoints written before the flag existed were built with; --resume and --eval-only take them from the
+    checkpoint (open_run). Returns the
     results dict, or None when --time-limit stopped training before its end (and on every rank but 0 of a torchrun
     run, which writes nothing)."""
     run = open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints or {})

@@ -13,13 +13,16 @@ between residual cells. Here:
     learnt bias (VDVAE), and the decoder reads it at 16x16;
   - the decoder's last convolution is 1x1 (VDVAE's out_conv): model05's 3x3 one at 32x32 took about a quarter of
     its training step on CPU, time spent here on the hierarchy instead.
-The sizes are chosen for 2 CPU cores: one width of 64 channels with a bottleneck of 32 (VDVAE's is a quarter of the
-width), 0.88M weights (model05: 1.07M) and about as many FLOPs per image as model05, but more time per training
-image (README, chapter 6: bench.py's ratio): a profile of the compiled training step on CPU spends most of it in the
-backward passes of narrow convolutions on small maps and in the fused elementwise kernels of 14 layers (activations,
-soft clamps, KL terms), which read and write more than they compute. The observation model is model05's: model03's
-logistic (`--obs logistic`, its variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default;
-`--components`), imported from those chapters' scripts.
+The sizes are chosen for 2 CPU cores, to train in under 3 hours at bench.py's rate (README, Reproduce): one width
+of 96 channels with a bottleneck of 48 (VDVAE's is a quarter of the width), 1.92M weights (model05: 1.07M), 25
+epochs with model01's hold-decay schedule (the base rate for half the steps, then a geometric decay to a tenth). The
+first runs used a width of 64 and a bottleneck of 32 for 50 epochs at a constant rate: their test curves swung by
+hundreds of nats from epoch to epoch, and the narrow network spent its step in the backward passes of narrow
+convolutions on small maps and in the fused elementwise kernels of 14 layers (activations, soft clamps, KL terms),
+which read and write more than they compute; the wider one uses about as large a share of the cores' FLOP rate as
+model05 (README, chapter 6). The observation model is model05's: model03's logistic (`--obs logistic`, its variance
+bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`), imported from those
+chapters' scripts.
 
 Latent scales that stay sane. A rare draw ruled model05's first mixture run (`--latent-bounds shift`): its results
 gave the bottom layer a mean rate of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is
@@ -67,11 +70,13 @@ from model05 import joint_latents  # the latent bounds above, model05's --latent
 RESOLUTIONS = (1, 4, 8, 16)  # of the latent maps, top first; the decoder reads the state at the last one
 LAYERS = (4, 5, 4, 1)  # stochastic layers at each resolution: 14 in all
 LATENT_CHANNELS = 8  # maps per stochastic layer: 8 units at 1x1, 128 at 4x4, 512 at 8x8, 2048 at 16x16
-CHANNELS = 64  # width of the bottom-up features and of the top-down state, at every resolution
-BOTTLENECK = 32  # the inner width of the bottleneck blocks (VDVAE's: a quarter of the width)
+CHANNELS = 96  # width of the bottom-up features and of the top-down state, at every resolution
+BOTTLENECK = 48  # the inner width of the bottleneck blocks (VDVAE's: a quarter of the width)
+OLDER_CHECKPOINTS = {"width": 64, "bottleneck": 32}  # what checkpoints written before --width and --bottleneck used
 ENCODER_CELLS = 1  # residual cells of the bottom-up pass at each resolution (VDVAE: 3 to 11)
 OUT_CHANNELS = 32  # width of the decoder at 32x32 (model05's)
-EPOCHS = 50
+EPOCHS = 25
+SCHEDULE = "hold-decay"  # the base rate for half the steps, then a geometric decay to a tenth (model01's)
 BATCH_SIZE = 64
 K = 1  # importance samples in training: the ELBO
 LR = 1e-3
@@ -218,7 +223,7 @@ class VAE(common.HierarchicalVAE):
 
 
 def parser():
-    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule="constant",
+    p = experiment.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, k=K, lr=LR, schedule=SCHEDULE,
                                eval_max_rows=EVAL_MAX_ROWS, eval_samples=EVAL_SAMPLES,
                                skip_grad_norm=SKIP_GRAD_NORM,
                                skip_grad_ratio=SKIP_GRAD_RATIO)
@@ -257,7 +262,7 @@ def run(argv):
     name = f"model06_{args.obs}" + ("_unbounded" if args.unbounded else "")
     return experiment.run_experiment(args, argv, script="model06.py", name=name, data=images, eval_pmf=EVAL_PMF,
                                      build_model=lambda: build_model(args),
-                                     extra_grids=evaluation.save_hierarchy_grids)
+                                     extra_grids=evaluation.save_hierarchy_grids, older_checkpoints=OLDER_CHECKPOINTS)
 
 
 def main(argv=None):

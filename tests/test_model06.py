@@ -275,6 +275,27 @@ def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, flags, name
     assert res["skip_grad_ratio"] == model06.SKIP_GRAD_RATIO
 
 
+def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path):
+    """--eval-only builds the networks at the checkpoint's --width and --bottleneck where the command leaves them
+    out; a checkpoint written before those flags existed holds model06's first sizes (OLDER_CHECKPOINTS), as the
+    shipped free logistic's does."""
+    flags = ["--obs", "logistic", "--layers", "1", "1", "1", "1"]
+    first = [str(model06.OLDER_CHECKPOINTS[key]) for key in ("width", "bottleneck")]
+    assert first != [str(model06.CHANNELS), str(model06.BOTTLENECK)]  # else this test shows nothing
+    run = tmp_path / "run"
+    assert model06.main(args(cifar_bin_dir, run, "--width", first[0], "--bottleneck", first[1], *flags)) == 0
+    trained = json.loads((run / "model06_logistic_results.json").read_text())["parameters"]
+    ckpt = run / "model06_logistic_checkpoint.pt"
+    blob = torch.load(ckpt, weights_only=False)
+    del blob["config"]["width"], blob["config"]["bottleneck"]
+    torch.save(blob, tmp_path / "older.pt")
+    for checkpoint in (ckpt, tmp_path / "older.pt"):
+        out = tmp_path / checkpoint.stem
+        assert model06.main(args(cifar_bin_dir, out, "--eval-only", "--checkpoint", str(checkpoint), *flags)) == 0
+        res = json.loads((out / "model06_logistic_results.json").read_text())
+        assert (res["parameters"], [str(res["width"]), str(res["bottleneck"])]) == (trained, first)
+
+
 def test_help_states_the_defaults(capsys):
     with pytest.raises(SystemExit) as exit_:
         model06.main(["--help"])
