@@ -15,14 +15,15 @@ between residual cells. Here:
     its training step on CPU, time spent here on the hierarchy instead.
 The sizes are chosen for 2 CPU cores, to train in under 3 hours at bench.py's rate (README, Reproduce): one width
 of 96 channels with a bottleneck of 48 (VDVAE's is a quarter of the width), 1.92M weights (model05: 1.07M), 25
-epochs with model01's hold-decay schedule (the base rate for half the steps, then a geometric decay to a tenth). The
-first runs used a width of 64 and a bottleneck of 32 for 50 epochs at a constant rate: their test curves swung by
-hundreds of nats from epoch to epoch, and the narrow network spent its step in the backward passes of narrow
-convolutions on small maps and in the fused elementwise kernels of 14 layers (activations, soft clamps, KL terms),
-which read and write more than they compute; the wider one uses about as large a share of the cores' FLOP rate as
-model05 (README, chapter 6). The observation model is model05's: model03's logistic (`--obs logistic`, its variance
-bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`), imported from those
-chapters' scripts.
+epochs with model01's hold-decay schedule (the base learning rate for half the steps, then a geometric decay to a
+tenth). The first runs used a width of 64 and a bottleneck of 32 for 50 epochs at a constant learning rate: their
+test curves swung by up to hundreds of nats from epoch to epoch (README, the colour runs' test curves), which the
+decay calms, and a profile of the compiled training step on CPU spent most of the narrow network's step in the
+backward passes of narrow convolutions on small maps and in the fused elementwise kernels of 14 layers (activations,
+soft clamps, KL terms), which read and write more than they compute; the wider one trains at about model05's share
+of the cores' FLOP rate (README, chapter 6). The observation model is model05's: model03's logistic (`--obs
+logistic`, its variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`),
+imported from those chapters' scripts.
 
 Latent scales that stay sane. A rare draw ruled model05's first mixture run (`--latent-bounds shift`): its results
 gave the bottom layer a mean rate of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is
@@ -50,7 +51,8 @@ As model05's, model06_*_layers.png shows what each layer encodes: each row keeps
 prior and resamples the layers below it. model06_*_temperatures.png shows samples from the prior with every layer's
 standard deviation scaled by a temperature t <= 1 (evaluation.TEMPERATURES, VDVAE's).
 It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error.
+standard error (the shipped free logistic is of the first sizes: add --width 64 --bottleneck 32 --epochs 50
+--schedule constant).
 """
 import math
 

@@ -313,11 +313,11 @@ def render_cost_ch6():
            for name, r in (("model05", old), ("model06", new))}  # of training
     flops = new["train"]["flops_per_image"] / old["train"]["flops_per_image"]
     time = old["train"]["images_per_s"] / new["train"]["images_per_s"]
-    return (f"What the extra layers cost: {flops:.1f} times model05's FLOPs per training image "
-            f"{'but' if round(time, 1) > round(flops, 1) else 'and'} {time:.1f} times its time, "
-            f"{old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time per evaluation pair "
-            f"(`bench.py`, both in one process): training runs at {use['model06']:.0%} of the FLOP rate of a matmul "
-            f"on the same cores, model05's at {use['model05']:.0%}.")
+    return (f"What the larger hierarchy costs: {flops:.1f} times model05's FLOPs per training image "
+            f"{'but' if round(time, 1) > round(flops, 1) else 'and'} {time:.1f} times its time; per evaluation pair, "
+            f"{old['eval']['pairs_per_s'] / new['eval']['pairs_per_s']:.1f} times its time (`bench.py`, both in one "
+            f"process). Training runs at {use['model06']:.0%} of the FLOP rate of a matmul on the same cores, "
+            f"model05's at {use['model05']:.0%}.")
 
 
 TRAIN_IMAGES = {"model01": 60000}  # MNIST; the colour chapters train on CIFAR-10's 50000
@@ -325,8 +325,8 @@ TEST_IMAGES = 10000
 
 
 def default_hours(chapter, row, flags=()):
-    """(training hours, evaluation minutes) of a chapter's run at bench.py's steady-state rates for its default model:
-    the default run's, or with flags (a variant's) its epochs and samples."""
+    """(the parsed flags, training hours, evaluation minutes) of a chapter's run at bench.py's steady-state rates for
+    its default model: the default run's, or with flags (a variant's) its epochs and samples."""
     import importlib
     args = importlib.import_module(chapter).parser().parse_args(list(flags))
     train_h = args.epochs * TRAIN_IMAGES.get(chapter, 50000) / row["train"]["images_per_s"] / 3600

@@ -21,7 +21,7 @@ import results
 
 OUT = os.path.join("runs", "reproduce")
 S_SWEEP = ["--s-sweep", "1", "10", "100", "1000"]
-RUNS = [  # (results name, script, flags): the story's runs, each with the script's defaults
+RUNS = [  # (results name, script, flags): the story's runs, each as its script's defaults plus the flags it ran with
     ("model01", "model01.py", []),
     ("model02", "model02.py", []),
     ("model02_unbounded", "model02.py", ["--unbounded"]),

@@ -275,10 +275,10 @@ def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, flags, name
     assert res["skip_grad_ratio"] == model06.SKIP_GRAD_RATIO
 
 
-def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path):
+def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path, capsys):
     """--eval-only builds the networks at the checkpoint's --width and --bottleneck where the command leaves them
-    out; a checkpoint written before those flags existed holds model06's first sizes (OLDER_CHECKPOINTS), as the
-    shipped free logistic's does."""
+    out (and refuses another width named); a checkpoint written before those flags existed holds model06's first
+    sizes (OLDER_CHECKPOINTS), as the shipped free logistic's does."""
     flags = ["--obs", "logistic", "--layers", "1", "1", "1", "1"]
     first = [str(model06.OLDER_CHECKPOINTS[key]) for key in ("width", "bottleneck")]
     assert first != [str(model06.CHANNELS), str(model06.BOTTLENECK)]  # else this test shows nothing
@@ -294,6 +294,10 @@ def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path
         assert model06.main(args(cifar_bin_dir, out, "--eval-only", "--checkpoint", str(checkpoint), *flags)) == 0
         res = json.loads((out / "model06_logistic_results.json").read_text())
         assert (res["parameters"], [str(res["width"]), str(res["bottleneck"])]) == (trained, first)
+    older = ["--eval-only", "--checkpoint", str(tmp_path / "older.pt"), "--width", str(model06.CHANNELS), *flags]
+    assert model06.main(args(cifar_bin_dir, tmp_path / "refused", *older)) == 2
+    assert f"trained with --width {first[0]}, and this command asks for --width {model06.CHANNELS}" in (
+        capsys.readouterr().err)
 
 
 def test_help_states_the_defaults(capsys):

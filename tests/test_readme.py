@@ -128,12 +128,12 @@ def test_chapter_6_cost_is_bench_pys_ratio_to_model05(monkeypatch):
     bench = {"rows": [row("model05", 300.0, 3e8, 1000.0), row("model06", 200.0, 3.3e8, 500.0)]}
     monkeypatch.setattr(rendering, "load_bench", lambda: bench)
     assert rendering.render_cost_ch6() == (
-        "What the extra layers cost: 1.1 times model05's FLOPs per training image but 1.5 times its time, 2.0 times "
-        "its time per evaluation pair (`bench.py`, both in one process): training runs at 66% of the FLOP rate of a "
-        "matmul on the same cores, model05's at 90%.")
+        "What the larger hierarchy costs: 1.1 times model05's FLOPs per training image but 1.5 times its time; per "
+        "evaluation pair, 2.0 times its time (`bench.py`, both in one process). Training runs at 66% of the FLOP rate "
+        "of a matmul on the same cores, model05's at 90%.")
     bench["rows"][1] = row("model06", 150.0, 6e8, 500.0)  # twice the FLOPs in twice the time: no "but"
     assert rendering.render_cost_ch6().startswith(
-        "What the extra layers cost: 2.0 times model05's FLOPs per training image and 2.0 times its time, ")
+        "What the larger hierarchy costs: 2.0 times model05's FLOPs per training image and 2.0 times its time; ")
     monkeypatch.setattr(rendering, "load_bench", lambda: {"rows": bench["rows"][:1]})
     assert "not measured yet" in rendering.render_cost_ch6()
 
@@ -233,6 +233,18 @@ def test_a_runs_weights_are_its_results_count_or_its_checkpoints():
     runs = dict(results.shipped())
     both = [name for name, r in runs.items() if "parameters" in r]
     assert both and all(results.weights(name, {}) == runs[name]["parameters"] for name in both)
+
+
+def test_reproduce_times_a_run_by_its_own_epochs_and_samples(monkeypatch):
+    import model06
+    import reproduce
+    row = {"chapter": "model06", "path": "optimized", "train": {"images_per_s": 100.0}, "eval": {"pairs_per_s": 1e3}}
+    monkeypatch.setattr(results, "load_bench", lambda: {"rows": [row]})
+    train, evaluation = reproduce.hours("model06.py")
+    assert train == pytest.approx(model06.EPOCHS * 50000 / 100 / 3600)
+    assert evaluation == pytest.approx(10000 * model06.EVAL_SAMPLES / 1e3 / 3600)
+    flags = ["--epochs", str(2 * model06.EPOCHS), "--eval-samples", str(model06.EVAL_SAMPLES // 10)]
+    assert reproduce.hours("model06.py", flags) == pytest.approx((2 * train, evaluation / 10))
 
 
 def test_reproduce_runs_each_shipped_run_with_the_flags_that_trained_it():
