@@ -83,7 +83,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def make_parser(doc, *, epochs, batch_size, k, lr, schedule, eval_max_rows, eval_samples=5000,
                 skip_grad_norm=math.inf, skip_grad_ratio=math.inf):
     """The flags every modelNN.py keeps; the script adds its own."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    # no abbreviations: --resume and --eval-only must see which flags a command names (_take_checkpoint_flags)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
     p.add_argument("--out-dir", default="runs", help="grids, results JSON, training curve and checkpoint go here "
                                                      "(assets/ holds the shipped reference runs)")
@@ -216,9 +217,8 @@ def run_experiment(args, argv, *, name, script, build_model, data, eval_pmf, ada
     its training loss of a batch, a line that names it for the results); default minus the IWAE bound with --k
     samples. `older_checkpoints`: flags that change the model but not the run's name, each with the value that
     checkpoints written before the flag existed were built with; --resume and --eval-only take them from the
-    checkpoint (open_run). Returns the
-    results dict, or None when --time-limit stopped training before its end (and on every rank but 0 of a torchrun
-    run, which writes nothing)."""
+    checkpoint (open_run). Returns the results dict, or None when --time-limit stopped training before its end (and
+    on every rank but 0 of a torchrun run, which writes nothing)."""
     run = open_run(args, argv, name, script, build_model, data, adam_eps, older_checkpoints or {})
     make_loss, objective_name = objective or (lambda m: training_loss(m, args.k), f"IWAE bound, k = {args.k}")
     if not args.eval_only and not train_run(run, args, data, make_loss(run.model), eval_pmf, argv):
