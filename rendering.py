@@ -15,9 +15,9 @@ import os
 import re
 import sys
 
-from results import (ASSETS, CHECKS, COLOUR_DIMS, IMAGE_STATS, QUICK_LOOK, ROOT, RUNS, elbo_bpd,
-                     image_stats_of, json_files, label, load, load_bench, log_std, model_from_checkpoint,
-                     rare_draw, shipped, weights)
+from results import (ASSETS, CHECKS, COLOUR_DIMS, IMAGE_STATS, QUICK_LOOK, RARE_DRAW_NATS, ROOT, RUNS, elbo_bpd,
+                     image_stats_of, json_files, label, load, load_bench, log_std, model_from_checkpoint, rare_draw,
+                     shipped, weights)
 
 README = os.path.join(ROOT, "README.md")
 
@@ -419,12 +419,12 @@ def render_rare_draws():
         return "\n\n".join(lines)
     worst = {name: worst_rate_ratio(r["test_balance"]) for name, r in shipped()
              if name not in CH6_RUNS and "rate_per_layer_max_nats" in r.get("test_balance", {})}  # ch6: its table
+    none = f"No shipped run's mean rate is ruled by a rare draw (none is above {RARE_DRAW_NATS:,.0f} nats)."
     if not worst:
-        return "No shipped run's rate is ruled by a rare draw."
-    return (f"No shipped run's rate is ruled by a rare draw: every layer's largest one-sample rate over the test images "
-            f"is within {max(worst.values()):.1f} times its median, in each run before chapter 6 whose results record "
-            "it (" + ", ".join(f"`{name}` {ratio:.1f}" for name, ratio in worst.items()) + "; chapter 6's runs: its "
-            "latents table).")
+        return none
+    listed = ", ".join(f"`{name}` {ratio:.1f}" for name, ratio in worst.items())
+    return (none + f" Where the results record it, every layer's largest one-sample rate over the test images is "
+            f"within {max(worst.values()):.1f} times its median ({listed}; chapter 6's runs: its latents table).")
 
 
 GUARD_LOG = os.path.join("assets", "model04_no_ratio_guard_log.txt")  # model04's first run, before the ratio guard

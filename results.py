@@ -85,9 +85,12 @@ def elbo_bpd(b):
     return -b["elbo_nats"] / (COLOUR_DIMS * math.log(2))
 
 
+RARE_DRAW_NATS = 1e5  # a mean rate above this is ruled by a rare draw of z (model05's first mixture: 12.9 million)
+
+
 def rare_draw(b):
-    """A mean one-sample rate ruled by a rare draw of z (model05's mixture): far above any plausible rate."""
-    return b["rate_nats"] > 1e5
+    """A mean one-sample rate ruled by a rare draw of z: far above any plausible rate (RARE_DRAW_NATS)."""
+    return b["rate_nats"] > RARE_DRAW_NATS
 
 def weights(name, r):
     """The run's number of weights: its results' count, else (runs older than that field) its shipped checkpoint's."""
