@@ -266,10 +266,10 @@ def render_latents_ch6():
     counts = " and ".join(f"{n:,}" for n in sorted(images))
     which = f"`{runs[0][0]}`" if len(runs) == 1 else "each run"
     return "\n".join(lines + [
-        "", f"Rates of {which} over the {counts} test images, one draw of z each, bottom map first. Sane latent "
-            f"scales, as this chapter asks of them: in every layer the largest one-sample rate within "
-            f"{LATENT_SCALE_RATIO} times the median, or within {LATENT_SCALE_RATIO} nats where the median is below "
-            f"{UNUSED_LAYER_NATS:g} nat (an unused layer, which carries almost nothing)."])
+        "", f"Rates of {which} over the {counts} test images, one draw of z each, bottom map first. Latent scales "
+            f"count as sane when in every layer the largest one-sample rate is within {LATENT_SCALE_RATIO} times the "
+            f"median, or within {LATENT_SCALE_RATIO} nats where the median is below {UNUSED_LAYER_NATS:g} nat (an "
+            f"unused layer, which carries almost nothing)."])
 
 
 def render_ablations():
