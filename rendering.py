@@ -419,12 +419,13 @@ def render_rare_draws():
         return "\n\n".join(lines)
     worst = {name: worst_rate_ratio(r["test_balance"]) for name, r in shipped()
              if name not in CH6_RUNS and "rate_per_layer_max_nats" in r.get("test_balance", {})}  # ch6: its table
-    none = f"No shipped run's mean rate is ruled by a rare draw (none is above {RARE_DRAW_NATS:,.0f} nats)."
+    no_rare = f"No shipped run's mean rate is ruled by a rare draw (none is above {RARE_DRAW_NATS:,.0f} nats)."
     if not worst:
-        return none
+        return no_rare
     listed = ", ".join(f"`{name}` {ratio:.1f}" for name, ratio in worst.items())
-    return (none + f" Where the results record it, every layer's largest one-sample rate over the test images is "
-            f"within {max(worst.values()):.1f} times its median ({listed}; chapter 6's runs: its latents table).")
+    return (no_rare + f" In each run before chapter 6 whose results record it, every layer's largest one-sample rate "
+            f"over the test images is within {max(worst.values()):.1f} times its median ({listed}; chapter 6's runs: "
+            "its latents table).")
 
 
 GUARD_LOG = os.path.join("assets", "model04_no_ratio_guard_log.txt")  # model04's first run, before the ratio guard

@@ -275,11 +275,12 @@ def test_smoke_run_writes_grids_and_results(cifar_bin_dir, tmp_path, flags, name
     assert res["skip_grad_ratio"] == model06.SKIP_GRAD_RATIO
 
 
-def test_an_abbreviated_flag_is_refused():
+def test_an_abbreviated_flag_is_refused(capsys):
     """Else `--wid 64` would set --width unseen by --resume and --eval-only, which take the checkpoint's width
     where the command does not name the flag."""
     with pytest.raises(SystemExit):
         model06.parser().parse_args(["--wid", "64"])
+    assert "unrecognized arguments: --wid" in capsys.readouterr().err
 
 
 def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path, capsys):

@@ -166,16 +166,16 @@ def test_a_rate_ruled_by_a_rare_draw_is_told_beside_its_re_evaluation(monkeypatc
     assert rendering.render_rare_draws().endswith("ruled by one draw; its re-evaluation is not in assets/checks yet.")
     ordinary = dict(run, test_balance=check["test_balance"])
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", ordinary)])
-    none = "No shipped run's mean rate is ruled by a rare draw (none is above 100,000 nats)."
-    assert rendering.render_rare_draws() == none
+    no_rare = "No shipped run's mean rate is ruled by a rare draw (none is above 100,000 nats)."
+    assert rendering.render_rare_draws() == no_rare
     recorded = dict(check["test_balance"], rate_per_layer_max_nats=[150.0, 950.0],
                     rate_per_layer_median_nats=[100.0, 0.5])  # a layer below 1 nat is judged against 1 nat
     monkeypatch.setattr(rendering, "shipped", lambda: [("model05_mixture", dict(run, test_balance=recorded)),
                                                        ("model06_mixture", dict(run, test_balance=dict(
                                                            recorded, rate_per_layer_max_nats=[9e3, 1.0])))])
-    assert rendering.render_rare_draws() == none + (
-        " Where the results record it, every layer's largest one-sample rate over the test images is within 950.0 "
-        "times its median (`model05_mixture` 950.0; chapter 6's runs: its latents table).")
+    assert rendering.render_rare_draws() == no_rare + (
+        " In each run before chapter 6 whose results record it, every layer's largest one-sample rate over the test "
+        "images is within 950.0 times its median (`model05_mixture` 950.0; chapter 6's runs: its latents table).")
 
 
 def test_a_summary_of_your_own_runs_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
