@@ -92,6 +92,7 @@ def rare_draw(b):
     """A mean one-sample rate ruled by a rare draw of z: far above any plausible rate (RARE_DRAW_NATS)."""
     return b["rate_nats"] > RARE_DRAW_NATS
 
+
 def weights(name, r):
     """The run's number of weights: its results' count, else (runs older than that field) its shipped checkpoint's."""
     if "parameters" in r:
