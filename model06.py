@@ -13,17 +13,18 @@ between residual cells. Here:
     learnt bias (VDVAE), and the decoder reads it at 16x16;
   - the decoder's last convolution is 1x1 (VDVAE's out_conv): model05's 3x3 one at 32x32 took about a quarter of
     its training step on CPU, time spent here on the hierarchy instead.
-The sizes are chosen for 2 CPU cores, to train in under 3 hours at bench.py's rate (README, Reproduce): one width
-of 96 channels with a bottleneck of 48 (VDVAE's is a quarter of the width), 1.92M weights (model05: 1.07M), 25
-epochs with model01's hold-decay schedule (the base learning rate for half the steps, then a geometric decay to a
-tenth). The first runs used a width of 64 and a bottleneck of 32 for 50 epochs at a constant learning rate: their
-test curves swung by up to hundreds of nats from epoch to epoch (README, the colour runs' test curves), which the
-decay calms, and a profile of the compiled training step on CPU spent most of the narrow network's step in the
-backward passes of narrow convolutions on small maps and in the fused elementwise kernels of 14 layers (activations,
-soft clamps, KL terms), which read and write more than they compute; the wider one trains at about model05's share
-of the cores' FLOP rate (README, chapter 6). The observation model is model05's: model03's logistic (`--obs
-logistic`, its variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`),
-imported from those chapters' scripts.
+The sizes are chosen for 2 CPU cores, to train in under 3 hours at bench.py's rate (README, Reproduce): one width of
+96 channels with a bottleneck of 48 (VDVAE's is a quarter of the width), 1.92M weights (model05: 1.07M), 25 epochs
+with model01's hold-decay schedule (the base learning rate for half the steps, then a geometric decay to a tenth).
+The first runs used a width of 64 and a bottleneck of 32 for 50 epochs at a constant learning rate: their test
+curves swung by up to hundreds of nats from epoch to epoch (README, the colour runs' test curves), which the decay
+calms, and a profile of the compiled training step on CPU spent most of the narrow network's step in the backward
+passes of narrow convolutions on small maps and in the fused elementwise kernels of 14 layers (activations, soft
+clamps, KL terms), which read and write more than they compute; the wider one trains at about model05's share of the
+cores' FLOP rate (README, chapter 6). The sizes were chosen on the mixture: the free logistic scored better at the
+first sizes (README, chapter 6). The observation model is model05's: model03's logistic (`--obs logistic`, its
+variance bound, `--unbounded`) or model04's mixture (`--obs mixture`, the default; `--components`), imported from
+those chapters' scripts.
 
 Latent scales that stay sane. A rare draw ruled model05's first mixture run (`--latent-bounds shift`): its results
 gave the bottom layer a mean rate of 12.9 million nats over 10,000 one-sample draws. There the posterior's log-std is

@@ -34,9 +34,7 @@ RUNS = [  # (results name, script, flags): the story's runs, each as its script'
     ("model04_no_autoregression", "model04.py", ["--no-autoregression"]),
     ("model05_logistic_unbounded", "model05.py", ["--obs", "logistic", "--unbounded", "--latent-bounds", "shift"]),
     ("model05_mixture", "model05.py", []),
-    ("model06_logistic_unbounded", "model06.py", ["--obs", "logistic", "--unbounded",  # at model06's first sizes
-                                                  "--width", "64", "--bottleneck", "32", "--epochs", "50",
-                                                  "--schedule", "constant"]),
+    ("model06_logistic_unbounded", "model06.py", ["--obs", "logistic", "--unbounded"]),
     ("model06_mixture", "model06.py", []),
 ]
 
