@@ -15,8 +15,9 @@ The paper's protocol is  --batch-size 20 --schedule iwae --epochs 3280.
 Run:  python model01.py --data-dir DIR
       (--epochs N spreads the same schedule over N epochs; --time-limit MINUTES stops and resumes)
 It writes runs/model01_{imgs,recs,samples,samples_var,curve}.png, model01_results.json and
-model01_checkpoint.pt, and prints the test log-likelihood estimated with 5000 importance samples: the README's
-provenance table has what it should give, within its standard error.
+model01_checkpoint.pt, and prints the test log-likelihood estimated with 5000 importance samples, to set beside
+the README's provenance table (its standard error is over test images; how far a retrained run lands is not
+measured).
 """
 import torch
 from torch import nn

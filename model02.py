@@ -34,8 +34,8 @@ Run:  python model02.py --data-dir DIR   (bounded)
 It writes runs/model02_{imgs,recs,samples,samples_var,curve}.png, model02_results.json and
 model02_checkpoint.pt (model02_unbounded_* with --unbounded, ..._dequantized_* with --dequantize, model02_beta<B>_*
 with --beta).
-It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error.
+It prints the test bits/dim, to set beside the run's row of the README's provenance table (its standard error is
+over test images; how far a retrained run lands from it is not measured).
 """
 import math
 

@@ -15,8 +15,8 @@ Run:  python model03.py --data-dir DIR   (bounded)
       python model03.py --data-dir DIR --unbounded
 It writes runs/model03_{imgs,recs,samples,samples_var,curve}.png, model03_results.json and
 model03_checkpoint.pt (model03_unbounded_* with --unbounded).
-It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error.
+It prints the test bits/dim, to set beside the run's row of the README's provenance table (its standard error is
+over test images; how far a retrained run lands from it is not measured).
 """
 import math
 

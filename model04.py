@@ -19,8 +19,8 @@ Run:  python model04.py --data-dir DIR
 It writes runs/model04_{imgs,recs,samples,samples_var,curve}.png, model04_results.json and
 model04_checkpoint.pt (model04_1component_*, model04_no_autoregression_* for the ablations). With autoregression
 the grid of samples' means is a Monte Carlo mean (100 draws): the exact mean is a sum over 256^3 colours per pixel.
-It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error.
+It prints the test bits/dim, to set beside the run's row of the README's provenance table (its standard error is
+over test images; how far a retrained run lands from it is not measured).
 """
 import argparse
 

@@ -26,8 +26,8 @@ It writes runs/model05_mixture_{imgs,recs,samples,samples_var,curve,layers}.png,
 and model05_mixture_checkpoint.pt (model05_logistic[_unbounded]_* with --obs logistic). model05_*_layers.png
 shows what each layer encodes: each row keeps one draw of the top layers from the prior and resamples the
 layers below it.
-It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error.
+It prints the test bits/dim, to set beside the run's row of the README's provenance table (its standard error is
+over test images; how far a retrained run lands from it is not measured).
 """
 
 import torch

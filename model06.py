@@ -51,9 +51,8 @@ model06_mixture_results.json and model06_mixture_checkpoint.pt (model06_logistic
 As model05's, model06_*_layers.png shows what each layer encodes: each row keeps one draw of the top layers from the
 prior and resamples the layers below it. model06_*_temperatures.png shows samples from the prior with every layer's
 standard deviation scaled by a temperature t <= 1 (evaluation.TEMPERATURES, VDVAE's).
-It prints the test bits/dim: the run's row of the README's provenance table is what it should give, within its
-standard error (the shipped free logistic is of the first sizes: add --width 64 --bottleneck 32 --epochs 50
---schedule constant).
+It prints the test bits/dim, to set beside the run's row of the README's provenance table (its standard error is
+over test images; how far a retrained run lands from it is not measured).
 """
 import math
 
