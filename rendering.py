@@ -139,8 +139,6 @@ def commands(r):
 def render_model01():
     lines = ["| | test log p(x), nats | ± s.e. | epochs |", "|---|---|---|---|",
              "| Burda et al. 2015, IWAE k=5, one stochastic layer | -85.54 | | 3280 |",
-             "| two independent re-implementations with the paper's schedule | -85.18 | | 3280 |",
-             "| a PyTorch re-implementation, batch 1000, constant lr 1e-3 | -85.46 | | thousands |",
              "| original vae-mdl | -85.02 | | |"]
     r = load("model01")
     if r is not None:
