@@ -86,8 +86,8 @@ def render_findings():
     ]
     beta = "model02_beta0.3679"
     if beta in bpd:
-        lines.insert(3, f"- **The beta-VAE is the bound in another form.** With beta = e^-1, the variance the bounded "
-                     f"Gaussian sits at, it scores {same_or_against(bpd[beta], bpd['model02'], '.3f')} "
+        lines.insert(3, f"- **The beta-VAE is the bound in another form.** With beta = e^-1, the variance the "
+                     f"bounded Gaussian sits at, it scores {same_or_against(bpd[beta], bpd['model02'], '.3f')} "
                      f"bits/dim, with a rate of {b[beta]['rate_nats']:.0f} nats against "
                      f"{b['model02']['rate_nats']:.0f}.")
     if "model04_1component" in bpd and "model04_no_autoregression" in bpd:

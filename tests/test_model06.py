@@ -286,7 +286,7 @@ def test_an_abbreviated_flag_is_refused(capsys):
 def test_eval_only_takes_the_widths_the_checkpoint_holds(cifar_bin_dir, tmp_path, capsys):
     """--eval-only builds the networks at the checkpoint's --width and --bottleneck where the command leaves them
     out (and refuses another width named); a checkpoint written before those flags existed holds model06's first
-    sizes (OLDER_CHECKPOINTS), as the shipped free logistic's does."""
+    sizes (OLDER_CHECKPOINTS)."""
     flags = ["--obs", "logistic", "--layers", "1", "1", "1", "1"]
     first = [str(model06.OLDER_CHECKPOINTS[key]) for key in ("width", "bottleneck")]
     assert first != [str(model06.CHANNELS), str(model06.BOTTLENECK)]  # else this test shows nothing

@@ -229,14 +229,15 @@ def test_chapter_6s_finding_says_lowers_only_where_both_of_its_runs_beat_chapter
     assert f"the free logistic from {chapter5:.3f} (chapter 5) to 9.000." in text
 
 
-
 def test_the_beta_vae_finding_says_the_same_only_where_both_numbers_print_alike(monkeypatch):
     runs = list(results.shipped())
-    moved = [(name, dict(r, test_bpd=r["test_bpd"] + 0.5) if name == "model02_beta0.3679" else r) for name, r in runs]
+    moved = [(name, dict(r, test_bpd=r["test_bpd"] + 0.5) if name == "model02_beta0.3679" else r)
+             for name, r in runs]
     monkeypatch.setattr(rendering, "shipped", lambda: moved)
     bounded, beta = dict(moved)["model02"]["test_bpd"], dict(moved)["model02_beta0.3679"]["test_bpd"]
     assert f"it scores {beta:.3f} against the bounded run's {bounded:.3f} bits/dim" in rendering.render_findings()
     assert rendering.same_or_against(8.5491, 8.5489, ".3f") == "the bounded run's 8.549"
+
 
 def test_a_runs_weights_are_its_results_count_or_its_checkpoints():
     runs = dict(results.shipped())
